@@ -1,0 +1,16 @@
+"""Per-loop supervision, norm penalties, depth sampling."""
+
+from looptrain.objectives.chunked_ce import IGNORE_INDEX, chunked_cross_entropy
+from looptrain.objectives.depth import DepthSampler
+from looptrain.objectives.supervision import (
+    ObjectiveResult,
+    compute_objective,
+    exit_distribution,
+    mean_token_ce,
+    norm_penalty,
+)
+
+__all__ = [
+    "IGNORE_INDEX", "DepthSampler", "ObjectiveResult", "chunked_cross_entropy", "compute_objective",
+    "exit_distribution", "mean_token_ce", "norm_penalty",
+]

@@ -1,0 +1,133 @@
+"""Dense per-loop supervision and the norm penalty.
+
+The objective turns a model's per-exit features into one scalar:
+
+  terminal:    CE at the last executed exit
+  per_loop:    sum_k w_k CE_k / sum_k w_k        (uniform w by default)
+  exit_gated:  sum_k p_k CE_k - beta * H(p)      per token, p from a learned gate
+  + norm penalty on the raw state of every loop (scale control 2)
+
+Exits that the objective does not supervise (terminal) are still measured when
+`measure_all_exits` is set -- the trainer asks for that at log intervals only,
+so per-exit losses are visible without paying for K heads every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from looptrain.config.schema import NormPenaltyConfig, ObjectiveConfig
+from looptrain.objectives.chunked_ce import IGNORE_INDEX, chunked_cross_entropy
+
+
+@dataclass
+class ObjectiveResult:
+    loss: Tensor  # scalar to backpropagate
+    ce: Tensor  # the supervised cross-entropy part (detached)
+    ce_per_exit: Tensor  # (depth,) mean CE per exit, detached; NaN where not measured
+    norm_penalty: Tensor  # detached penalty term (already weighted)
+    exit_probs: Optional[Tensor] = None  # (depth,) mean gate exit distribution (exit_gated)
+
+
+def mean_token_ce(features: Tensor, head_weight: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
+    """Mean cross-entropy over the positions that have a target."""
+    per_token = chunked_cross_entropy(features, head_weight, targets, chunk_tokens)
+    count = (targets != IGNORE_INDEX).sum().clamp_min(1)
+    return per_token.sum() / count
+
+
+def norm_penalty(states: Sequence[Tensor], cfg: NormPenaltyConfig) -> Tensor:
+    """weight * mean_k mean(h_k^2)  or  weight * mean_k mean_tokens (RMS(h_k) - target)^2.
+
+    Computed on the raw pre-norm state of every loop, in fp32, differentiable
+    through all loops (the gradient reaches every earlier loop's update).
+    """
+    terms = []
+    for h in states:
+        h32 = h.float()
+        if cfg.form == "mean_sq":
+            terms.append(h32.pow(2).mean())
+        else:
+            rms = h32.pow(2).mean(dim=-1).add(1e-12).sqrt()
+            terms.append((rms - cfg.target).pow(2).mean())
+    return cfg.weight * torch.stack(terms).mean()
+
+
+def exit_distribution(gate_logits: Sequence[Tensor]) -> Tensor:
+    """Per-token exit probabilities from per-exit stop logits, shape (depth, B, T).
+
+    p_k = lambda_k * prod_{j<k} (1 - lambda_j) with lambda = sigmoid(gate), and
+    the last exit takes all remaining mass, so p sums to one over exits.
+    """
+    lam = torch.sigmoid(torch.stack([g.float() for g in gate_logits]))
+    lam = torch.cat([lam[:-1], torch.ones_like(lam[-1:])], dim=0)
+    survive = torch.cumprod(torch.cat([torch.ones_like(lam[:1]), 1 - lam[:-1]], dim=0), dim=0)
+    return lam * survive
+
+
+def compute_objective(
+    states: Sequence[Tensor],
+    features: Sequence[Tensor],
+    head_weight: Tensor,
+    targets: Tensor,
+    cfg: ObjectiveConfig,
+    *,
+    gate_logits: Optional[Sequence[Tensor]] = None,
+    measure_all_exits: bool = False,
+) -> ObjectiveResult:
+    depth = len(features)
+    chunk = cfg.ce_chunk_tokens
+    nan = torch.tensor(float("nan"), device=targets.device)
+    ce_exits: list[Tensor] = [nan] * depth
+    exit_probs = None
+
+    if cfg.supervision == "terminal":
+        ce = mean_token_ce(features[-1], head_weight, targets, chunk)
+        ce_exits[-1] = ce.detach()
+        if measure_all_exits:
+            with torch.no_grad():
+                for k in range(depth - 1):
+                    ce_exits[k] = mean_token_ce(features[k], head_weight, targets, chunk)
+        supervised = ce
+    elif cfg.supervision == "per_loop":
+        weights = cfg.loop_weights or [1.0] * depth
+        total = 0.0
+        for k in range(depth):
+            ce_k = mean_token_ce(features[k], head_weight, targets, chunk)
+            ce_exits[k] = ce_k.detach()
+            total = total + weights[k] * ce_k
+        supervised = total / sum(weights)
+    elif cfg.supervision == "exit_gated":
+        if gate_logits is None:
+            raise ValueError("exit_gated supervision needs a model with an exit gate (model.exit_gate=true)")
+        p = exit_distribution(gate_logits)  # (depth, B, T)
+        valid = (targets != IGNORE_INDEX).float()
+        count = valid.sum().clamp_min(1)
+        expected = 0.0
+        for k in range(depth):
+            ce_tok = chunked_cross_entropy(features[k], head_weight, targets, chunk)
+            ce_exits[k] = (ce_tok.sum() / count).detach()
+            expected = expected + (p[k] * ce_tok * valid).sum() / count
+        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=0)
+        entropy = (entropy * valid).sum() / count
+        supervised = expected - cfg.gate_entropy_beta * entropy
+        exit_probs = p.detach().mean(dim=(1, 2))
+    else:  # the schema's Literal makes this unreachable from a recipe
+        raise ValueError(f"unknown supervision {cfg.supervision!r}")
+
+    loss = supervised
+    penalty = torch.zeros((), device=targets.device)
+    if cfg.norm_penalty.weight > 0:
+        penalty = norm_penalty(states, cfg.norm_penalty)
+        loss = loss + penalty
+    return ObjectiveResult(
+        loss=loss,
+        ce=supervised.detach(),
+        ce_per_exit=torch.stack([c.reshape(()) for c in ce_exits]),
+        norm_penalty=penalty.detach(),
+        exit_probs=exit_probs,
+    )

@@ -1,0 +1,338 @@
+"""The training loop.
+
+    resume or start -> for each step:
+        depth ~ sampler
+        for each micro-batch: forward all loops, per-exit loss (+ norm penalty), backward
+        clip, optimizer step (skipped when the gradient is not finite)
+        every log interval: reduce metrics and per-loop norms, check the monitor, log
+        every val interval: loss and perplexity per exit on held-out data
+        every checkpoint interval, on preemption and at the end: sharded checkpoint
+
+Everything that depends on how the step is parallelised sits behind
+`looptrain.parallel.Backend`; everything that depends on where metrics go sits
+behind `looptrain.tracking.Tracker`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from looptrain import exit_codes
+from looptrain.config import Recipe, RecipeError, recipe_hash, recipe_to_dict, save_resolved
+from looptrain.objectives import DepthSampler
+from looptrain.optim import lr_at
+from looptrain.parallel import Backend, build_backend, init_distributed, shutdown_distributed
+from looptrain.parallel.env import DistEnv
+from looptrain.perf import peak_flops, peak_memory_gb
+from looptrain.state import TrainerState, seed_everything
+from looptrain.train_module import LoopedLMTrainModule, split_batch
+
+
+class Preempted(Exception):
+    """A SIGUSR2/SIGTERM arrived: checkpoint and exit for requeue."""
+
+
+@dataclass
+class TrainResult:
+    exit_code: int
+    step: int
+    run_dir: str
+    final_metrics: dict
+
+
+class _WindowStats:
+    """Per-step scalars summed on device over a log window (no host sync)."""
+
+    def __init__(self, max_depth: int, device: torch.device):
+        self.max_depth = max_depth
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        d = self.max_depth
+        self.sums = torch.zeros(5, device=self.device, dtype=torch.float64)  # loss, ce, penalty, grad_norm, depth
+        self.exit_sum = torch.zeros(d, device=self.device, dtype=torch.float64)
+        self.exit_count = torch.zeros(d, device=self.device, dtype=torch.float64)
+        self.steps = 0
+        self.micro = 0
+
+    def add_micro(self, result, depth: int) -> None:
+        ce = result.ce_per_exit.double()
+        measured = torch.isfinite(ce) | torch.isnan(result.loss.detach()).expand_as(ce)
+        padded = torch.zeros(self.max_depth, device=self.device, dtype=torch.float64)
+        padded_mask = torch.zeros_like(padded)
+        padded[:depth] = torch.where(measured, ce, torch.zeros_like(ce))
+        padded_mask[:depth] = measured.double()
+        self.exit_sum += padded
+        self.exit_count += padded_mask
+        self.sums[0] += result.loss.detach().double()
+        self.sums[1] += result.ce.double()
+        self.sums[2] += result.norm_penalty.double()
+        self.micro += 1
+
+    def add_step(self, grad_norm: torch.Tensor, depth: int) -> None:
+        self.sums[3] += grad_norm.double()
+        self.sums[4] += depth
+        self.steps += 1
+
+    def read(self, backend: Backend) -> dict[str, float]:
+        packed = torch.cat([self.sums, self.exit_sum, self.exit_count])
+        if backend.env.distributed:
+            torch.distributed.all_reduce(packed)
+            packed /= backend.env.world_size
+        values = packed.tolist()
+        micro, steps = max(1, self.micro), max(1, self.steps)
+        out = {
+            "train/loss": values[0] / micro,
+            "train/ce": values[1] / micro,
+            "train/norm_penalty": values[2] / micro,
+            "train/grad_norm": values[3] / steps,
+            "train/depth": values[4] / steps,
+        }
+        d = self.max_depth
+        for k in range(d):
+            count = values[5 + d + k]
+            if count > 0:
+                out[f"train/loss_exit/{k + 1}"] = values[5 + k] / count
+        self.reset()
+        return out
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, env: DistEnv, *, force_resume: bool = False):
+        from looptrain.checkpoint import Checkpointer
+        from looptrain.data.loader import InfiniteBatches, build_train_loader, build_val_loader, check_dataset
+        from looptrain.model import build_model
+        from looptrain.monitor.rules import NormMonitor
+        from looptrain.monitor.stats import LoopNormAccumulator
+        from looptrain.tracking import Tracker
+
+        self.recipe = recipe
+        self.env = env
+        m, t = recipe.model, recipe.train
+        self.run_dir = recipe.run_dir
+        check_dataset(recipe.data.dir, seq_len=m.max_seq_len, vocab_size=m.vocab_size)
+        if env.is_main:
+            save_resolved(recipe, self.run_dir)
+
+        seed_everything(t.seed)  # identical initial weights on every rank
+        model = build_model(m)
+        self.backend = build_backend(recipe, env)
+        self.backend.setup(LoopedLMTrainModule(model, recipe.objective))
+        seed_everything(t.seed + 1000 * env.rank)  # distinct dropout streams per rank
+
+        dp = self.backend.data_parallel_size
+        self.global_batch = t.micro_batch_size * t.grad_accum * dp
+        if t.global_batch_size is not None and t.global_batch_size != self.global_batch:
+            raise RecipeError(
+                f"train.global_batch_size={t.global_batch_size} but micro_batch_size {t.micro_batch_size} x "
+                f"grad_accum {t.grad_accum} x data-parallel size {dp} = {self.global_batch}; "
+                f"set train.grad_accum={t.global_batch_size // max(1, t.micro_batch_size * dp)} "
+                "(the global batch must divide evenly)"
+            )
+        self.tokens_per_step = self.global_batch * m.max_seq_len
+        self.train_loader = build_train_loader(
+            recipe.data, seq_len=m.max_seq_len, vocab_size=m.vocab_size,
+            micro_batch_size=t.micro_batch_size, global_batch_size=self.global_batch,
+        )
+        self.batches = InfiniteBatches(self.train_loader)
+        self.val_loader = (
+            build_val_loader(recipe.data, seq_len=m.max_seq_len, vocab_size=m.vocab_size,
+                             micro_batch_size=t.micro_batch_size)
+            if t.val_every > 0 else None
+        )
+        self.max_depth = recipe.objective.depth.max or m.loops
+        self.sampler = DepthSampler(recipe.objective.depth, m.loops, seed=t.seed)
+        self.norms = LoopNormAccumulator(self.max_depth, m.d_model, env.device)
+        self.monitor = NormMonitor(recipe.monitor, self.max_depth)
+        self.window = _WindowStats(self.max_depth, env.device)
+        self.state = TrainerState(recipe_hash=recipe_hash(recipe))
+        self.checkpointer = Checkpointer(recipe, self.backend, env)
+        self.checkpointer.resume(self, force=force_resume)
+        self.tracker = Tracker(
+            recipe.tracking, self.run_dir, recipe_to_dict(recipe), is_main=env.is_main,
+            resume_id=self.state.wandb_run_id, total_steps=t.steps,
+        )
+        self.state.wandb_run_id = self.tracker.run_id
+        self.flops_per_token = self.backend.model.flops_per_token(depth=m.loops, seq_len=m.max_seq_len)
+        self.peak = peak_flops(env.device, t.precision)
+        self._preempt_signal: Optional[int] = None
+
+    # ------------------------------------------------------------------ helpers
+    def _install_signal_handlers(self) -> None:
+        def on_signal(signum, _frame):
+            self._preempt_signal = signum
+
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            try:
+                signal.signal(sig, on_signal)
+            except ValueError:  # not the main thread
+                pass
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = next(self.batches)
+        tokens, targets = split_batch(batch)
+        return tokens.to(self.env.device, non_blocking=True), targets.to(self.env.device, non_blocking=True)
+
+    def _preempted(self) -> bool:
+        flag = torch.tensor([1.0 if self._preempt_signal is not None else 0.0], device=self.env.device)
+        if self.env.distributed:  # any rank signalled -> all ranks stop together
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> dict[str, float]:
+        if self.val_loader is None:
+            return {}
+        depth = self.recipe.model.loops
+        sums = torch.zeros(depth + 1, device=self.env.device, dtype=torch.float64)
+        for i, batch in enumerate(self.val_loader):
+            if i >= self.recipe.train.val_batches:
+                break
+            tokens, targets = split_batch(batch)
+            out = self.backend.evaluate(tokens.to(self.env.device), targets.to(self.env.device))
+            sums[:depth] += out.result.ce_per_exit.double()
+            sums[depth] += 1
+        if self.env.distributed:
+            torch.distributed.all_reduce(sums)
+        values = sums.tolist()
+        n = max(1.0, values[depth])
+        metrics = {}
+        for k in range(depth):
+            loss = values[k] / n
+            metrics[f"val/loss/{k + 1}"] = loss
+            metrics[f"val/ppl/{k + 1}"] = math.exp(min(loss, 50.0))
+        return metrics
+
+    # --------------------------------------------------------------------- loop
+    def _log(self, step: int, elapsed: float, steps_in_window: int) -> dict[str, float]:
+        metrics = self.window.read(self.backend)
+        metrics.update(self.norms.read())
+        tokens_per_s = self.tokens_per_step * steps_in_window / max(elapsed, 1e-9)
+        metrics.update({
+            "train/lr": lr_at(step - 1, self.recipe.train.steps, self.recipe.optim.lr, self.recipe.optim.schedule),
+            "train/tokens": float(self.state.tokens),
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/tokens_per_s_per_device": tokens_per_s / self.env.world_size,
+            "perf/step_time_s": elapsed / max(1, steps_in_window),
+            "perf/mfu": self.flops_per_token * tokens_per_s / self.env.world_size / self.peak,
+            "perf/peak_mem_gb": peak_memory_gb(self.env.device),
+        })
+        return metrics
+
+    def _handle_events(self, step: int, metrics: dict[str, float]) -> Optional[object]:
+        halt = None
+        for event in self.monitor.check(step, metrics):
+            self.tracker.event(event)
+            if event.action == "halt" and halt is None:
+                halt = event
+        return halt
+
+    def _halt(self, event, metrics: dict[str, float]) -> int:
+        from looptrain.monitor.halt import write_halt_record
+
+        finite = all(math.isfinite(v) for k, v in metrics.items() if k.startswith(("train/loss", "train/grad_norm")))
+        checkpoint = None
+        if finite:
+            self.state.last_metrics = metrics
+            checkpoint = self.checkpointer.save(self, reason="halt")
+        if self.env.is_main:
+            write_halt_record(self.run_dir, event, self.state.step, {"checkpoint": checkpoint})
+        return exit_codes.HALTED
+
+    def run(self) -> TrainResult:
+        t = self.recipe.train
+        self._install_signal_handlers()
+        module = self.backend.module
+        module.train()
+        window_start, window_steps = time.perf_counter(), 0
+        metrics: dict[str, float] = {}
+        if self.state.step == 0 and t.val_every > 0:
+            pass  # no validation before the first step: it would only measure the initialisation
+        while self.state.step < t.steps:
+            step = self.state.step
+            depth = self.sampler.sample()
+            measure = (step + 1) % t.log_every == 0 or step + 1 == t.steps
+            for micro in range(t.grad_accum):
+                tokens, targets = self._next_batch()
+                out = self.backend.forward_backward(
+                    tokens, targets, depth=depth, backprop_loops=self.recipe.objective.backprop_loops,
+                    measure_all_exits=measure, last_micro_step=micro == t.grad_accum - 1,
+                )
+                self.window.add_micro(out.result, depth)
+                self.norms.update(out.states)
+            lr = lr_at(step, t.steps, self.recipe.optim.lr, self.recipe.optim.schedule)
+            grad_norm = self.backend.optimizer_step(lr)
+            self.window.add_step(grad_norm, depth)
+            self.state.step = step + 1
+            self.state.tokens += self.tokens_per_step
+            window_steps += 1
+
+            # The one per-step host sync: a non-finite loss or gradient must stop
+            # the run before it is logged as healthy or checkpointed.
+            if not bool(torch.isfinite(out.loss.detach() + grad_norm)):
+                measure = True
+            if measure:
+                elapsed = time.perf_counter() - window_start
+                metrics = self._log(self.state.step, elapsed, window_steps)
+                window_start, window_steps = time.perf_counter(), 0
+                self.state.last_metrics = metrics
+                self.tracker.log(self.state.step, metrics)
+                halt = self._handle_events(self.state.step, metrics)
+                if halt is not None:
+                    return TrainResult(self._halt(halt, metrics), self.state.step, self.run_dir, metrics)
+            if t.val_every > 0 and (self.state.step % t.val_every == 0 or self.state.step == t.steps):
+                val = self.validate()
+                metrics.update(val)
+                self.tracker.log(self.state.step, val)
+            if self.checkpointer.due(self.state.step):
+                self.checkpointer.save(self, reason="interval")
+            if self._preempted():
+                self.checkpointer.save(self, reason="preempt")
+                self.checkpointer.wait()
+                return TrainResult(exit_codes.PREEMPTED, self.state.step, self.run_dir, metrics)
+        if self.recipe.checkpoint.save_final:
+            self.checkpointer.save(self, reason="final")
+        self.checkpointer.wait()
+        return TrainResult(exit_codes.OK, self.state.step, self.run_dir, metrics)
+
+
+def train(recipe: Recipe, *, force_resume: bool = False) -> TrainResult:
+    """Run a recipe in this process (one rank of a job when launched by torchrun/srun)."""
+    env = init_distributed(recipe.train.device, recipe.parallel.dist_backend, recipe.parallel.timeout_minutes)
+    trainer = None
+    result = TrainResult(exit_codes.FAILED, 0, recipe.run_dir, {})
+    try:
+        trainer = Trainer(recipe, env, force_resume=force_resume)
+        result = trainer.run()
+        return result
+    finally:
+        if trainer is not None:
+            trainer.tracker.finish(result.exit_code)
+        if result.exit_code in (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED):
+            shutdown_distributed()
+
+
+def main_worker(recipe: Recipe, *, force_resume: bool = False) -> int:
+    """Entry point for one rank: returns the process exit status, printing errors once."""
+    from looptrain.checkpoint import CheckpointError
+    from looptrain.data.loader import DataError
+
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        return train(recipe, force_resume=force_resume).exit_code
+    except (RecipeError, DataError, CheckpointError) as err:
+        print(f"looptrain: error: {err}", file=sys.stderr, flush=True)
+        return exit_codes.BAD_INPUT
+    except Exception:
+        print(f"looptrain: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        return exit_codes.FAILED
