@@ -17,8 +17,9 @@ from looptrain.model import LoopedLM, LoopOutput, build_model
 READOUTS = ("rmsnorm", "raw", "final_only", "alpha")
 RECURRENCES = ("residual", "rmsnorm", "contractive")
 INJECTIONS = ("none", "add", "concat", "contractive")
-# (block_style, positions, initial_state, norm): cycled over the readout x recurrence
-# x injection grid so every one of these 24 variants runs at least twice.
+# (block_style, positions, initial_state, norm): cycled over the 48 readout x recurrence
+# x injection cases, each of these 24 variants drawn twice (a case without injection
+# always starts from the embeddings, the only start that lets the tokens in).
 VARIANTS = list(itertools.product(("prenorm", "sandwich"), ("learned", "rope"), ("embeddings", "zeros", "noise"), ("rmsnorm", "layernorm")))
 
 
