@@ -1,0 +1,108 @@
+"""The run's metrics and events: JSONL files, console lines, W&B.
+
+Only rank 0 does any work; on other ranks every method returns at once and
+wandb is never imported. The JSONL files in the run directory are written in
+every mode, W&B disabled included, so that a run can always be inspected
+and plotted from its directory alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import IO, Any, Optional
+
+from looptrain.config.schema import TrackingConfig
+from looptrain.monitor.jsonsafe import json_safe
+from looptrain.monitor.rules import MonitorEvent
+from looptrain.tracking.console import format_lines
+from looptrain.tracking.metrics_file import EVENTS_FILE, METRICS_FILE, read_metrics
+
+
+class Tracker:
+    """Logs metrics and monitor events of one run (rank 0 only)."""
+
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        run_dir: str,
+        config_dict: dict[str, Any],
+        *,
+        is_main: bool,
+        resume_id: Optional[str] = None,
+        total_steps: Optional[int] = None,
+    ):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.is_main = is_main
+        self.total_steps = total_steps
+        self.mode = "disabled"
+        self._wandb = None
+        self._metrics_file: Optional[IO[str]] = None
+        self._events_file: Optional[IO[str]] = None
+        self._last_step: Optional[int] = None
+        self._finished = False
+        if not is_main:
+            return
+        from looptrain.tracking.wandb_backend import resolve_mode
+
+        self.mode, note = resolve_mode(cfg.mode)
+        os.makedirs(run_dir, exist_ok=True)
+        self._metrics_file = open(os.path.join(run_dir, METRICS_FILE), "a", buffering=1)
+        self._events_file = open(os.path.join(run_dir, EVENTS_FILE), "a", buffering=1)
+        if note:
+            print(note, flush=True)
+        if self.mode != "disabled":
+            from looptrain.tracking.wandb_backend import WandbRun
+
+            self._wandb = WandbRun(cfg, self.mode, run_dir, config_dict, resume_id)
+
+    @property
+    def run_id(self) -> Optional[str]:
+        """The W&B run id (store it in checkpoints to resume the same run); None when disabled."""
+        return self._wandb.id if self._wandb is not None else None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record one step's metrics: metrics.jsonl, a console line, W&B."""
+        if not self.is_main or self._finished:
+            return
+        metrics = {k: float(v) for k, v in metrics.items()}
+        self._last_step = step
+        self._write(self._metrics_file, {"step": step, **metrics})
+        for line in format_lines(step, self.total_steps, metrics):
+            print(line, flush=True)
+        if self._wandb is not None:
+            self._wandb.log(step, metrics)
+
+    def event(self, ev: MonitorEvent) -> None:
+        """Record a monitor event: events.jsonl (always), the console, and a
+        W&B alert when its action is alert or halt."""
+        if not self.is_main or self._finished:
+            return
+        self._write(self._events_file, {**ev.to_dict(), "time": time.time()})
+        print(f"[monitor {ev.level} {ev.action}] step {ev.step} {ev.rule}: {ev.message}", flush=True)
+        if self._wandb is not None and ev.action in ("alert", "halt"):
+            title = f"{self._wandb.run.name}: {ev.rule} {ev.level}"
+            self._wandb.alert(title, f"step {ev.step}: {ev.message}", ev.level)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Draw the per-loop W&B charts, close W&B with the exit status and close the files."""
+        if not self.is_main or self._finished:
+            return
+        self._finished = True
+        try:
+            if self._wandb is not None:
+                if self._last_step is not None and self._metrics_file is not None:
+                    self._metrics_file.flush()
+                    self._wandb.log_per_loop_charts(self._last_step, read_metrics(self.run_dir))
+                self._wandb.finish(exit_code)
+        finally:
+            for f in (self._metrics_file, self._events_file):
+                if f is not None:
+                    f.close()
+
+    @staticmethod
+    def _write(f: Optional[IO[str]], record: dict[str, Any]) -> None:
+        if f is not None:
+            f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")

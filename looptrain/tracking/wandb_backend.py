@@ -1,0 +1,167 @@
+"""W&B: choosing the mode, starting the run, alerts, per-loop charts.
+
+Everything that imports `wandb` lives here and is only reached on rank 0
+with a mode other than `disabled`, so other ranks and disabled runs never
+import it.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+from looptrain.config.schema import RecipeError, TrackingConfig
+
+# Metric families drawn as one chart with one line per loop.
+PER_LOOP_FAMILIES = ("norm/mean", "norm/rms", "norm/p99", "norm/max", "norm/ratio", "train/loss_exit", "val/loss")
+MAX_CHART_POINTS = 1000  # per line; longer histories are thinned evenly
+STEP_KEY = "step"
+
+# W&B directory variables this process set itself (a later run may move them;
+# values the user exported are kept).
+_dirs_we_set: dict[str, str] = {}
+
+
+def api_key_configured() -> bool:
+    """Whether W&B could log in: WANDB_API_KEY, or a netrc entry for its host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else []
+    candidates += [os.path.expanduser("~/.netrc"), os.path.expanduser("~/_netrc")]
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        try:
+            auth = netrc.netrc(path).authenticators(host)
+        except (netrc.NetrcParseError, OSError):
+            continue
+        if auth and auth[2]:
+            return True
+    return False
+
+
+def resolve_mode(mode: str) -> tuple[str, Optional[str]]:
+    """The W&B mode to run in, and a one-line note to print (or None).
+
+    auto: WANDB_MODE when the environment sets it, else online when an API key
+    is configured, else offline (saying so once).
+    """
+    if mode not in ("auto", "online", "offline", "disabled"):
+        raise RecipeError(f"tracking.mode: unknown mode {mode!r}; use auto, online, offline or disabled")
+    note = None
+    if mode == "auto":
+        env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+        if env_mode in ("online", "offline", "disabled"):
+            mode = env_mode
+        elif env_mode == "dryrun":
+            mode = "offline"
+        elif api_key_configured():
+            mode = "online"
+        else:
+            mode = "offline"
+            note = (
+                "W&B: no API key found (WANDB_API_KEY or `wandb login`); logging offline into the run directory "
+                "(upload later with `wandb sync RUN_DIR/wandb/offline-run-*`, or set tracking.mode=disabled)"
+            )
+    if mode == "online" and not api_key_configured():
+        raise RecipeError(
+            "tracking.mode=online needs a W&B API key: export WANDB_API_KEY or run `wandb login`; "
+            "or use tracking.mode=offline (sync later) or tracking.mode=auto"
+        )
+    return mode, note
+
+
+def point_wandb_dirs(run_dir: str) -> None:
+    """Keep W&B's files (run data, cache, config, staging) in the run directory
+    unless the environment chose other places: shared home directories on
+    clusters are small, and tests must not write outside their tmp dir."""
+    base = os.path.join(os.path.abspath(run_dir), "wandb")
+    for var, sub in (
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_CONFIG_DIR", "config"),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_ARTIFACT_DIR", "artifacts"),
+    ):
+        current = os.environ.get(var)
+        if current is None or current == _dirs_we_set.get(var):
+            os.environ[var] = _dirs_we_set[var] = os.path.join(base, sub)
+    os.environ["WANDB_DIR"] = os.path.abspath(run_dir)  # wandb adds the "wandb" folder itself
+
+
+class WandbRun:
+    """A started W&B run with the calls the tracker needs."""
+
+    def __init__(
+        self,
+        cfg: TrackingConfig,
+        mode: str,
+        run_dir: str,
+        config_dict: dict[str, Any],
+        resume_id: Optional[str],
+    ):
+        point_wandb_dirs(run_dir)
+        import wandb
+
+        self._wandb = wandb
+        name = cfg.name or os.path.basename(os.path.normpath(os.path.abspath(run_dir)))
+        kwargs: dict[str, Any] = dict(
+            project=cfg.project,
+            entity=cfg.entity,
+            group=cfg.group,
+            name=name,
+            tags=list(cfg.tags) or None,
+            config=config_dict,
+            dir=os.path.abspath(run_dir),
+            mode=mode,
+        )
+        if resume_id:
+            kwargs.update(id=resume_id, resume="allow")
+        self.run = wandb.init(**kwargs)
+        # Our own step as the x-axis of every chart: a resumed run re-logs the
+        # steps after its last checkpoint, which W&B's internal monotonic step
+        # would drop.
+        self.run.define_metric(STEP_KEY)
+        self.run.define_metric("*", step_metric=STEP_KEY)
+        self.run.define_metric("val/loss/*", step_metric=STEP_KEY, summary="min")
+
+    @property
+    def id(self) -> str:
+        return self.run.id
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log({**metrics, STEP_KEY: step})
+
+    def alert(self, title: str, text: str, level: str) -> None:
+        levels = {"INFO": self._wandb.AlertLevel.INFO, "WARN": self._wandb.AlertLevel.WARN}
+        self.run.alert(title=title, text=text, level=levels.get(level, self._wandb.AlertLevel.ERROR))
+
+    def log_per_loop_charts(self, step: int, records: list[dict[str, Any]]) -> list[str]:
+        """One chart per metric family with one line per loop, from the run's
+        metrics history; returns the keys logged (`per_loop/<family>`)."""
+        from looptrain.tracking.metrics_file import per_loop_series
+
+        charts: dict[str, Any] = {}
+        for family in PER_LOOP_FAMILIES:
+            series = per_loop_series(records, family)
+            if not series:
+                continue
+            xs, ys, keys = [], [], []
+            for k, (steps, values) in series.items():
+                stride = max(1, -(-len(steps) // MAX_CHART_POINTS))
+                xs.append(steps[::stride])
+                ys.append(values[::stride])
+                keys.append(f"loop {k}")
+            key = "per_loop/" + family.replace("/", "_")
+            charts[key] = self._wandb.plot.line_series(
+                xs=xs, ys=ys, keys=keys, title=f"{family} per loop", xname=STEP_KEY
+            )
+        if charts:
+            self.run.log({**charts, STEP_KEY: step})
+        return list(charts)
+
+    def finish(self, exit_code: int) -> None:
+        self.run.summary["exit_code"] = exit_code
+        self.run.finish(exit_code=exit_code)
