@@ -256,8 +256,6 @@ class Trainer:
         module.train()
         window_start, window_steps = time.perf_counter(), 0
         metrics: dict[str, float] = {}
-        if self.state.step == 0 and t.val_every > 0:
-            pass  # no validation before the first step: it would only measure the initialisation
         while self.state.step < t.steps:
             step = self.state.step
             depth = self.sampler.sample()
@@ -291,9 +289,11 @@ class Trainer:
                 if halt is not None:
                     return TrainResult(self._halt(halt, metrics), self.state.step, self.run_dir, metrics)
             if t.val_every > 0 and (self.state.step % t.val_every == 0 or self.state.step == t.steps):
+                val_start = time.perf_counter()
                 val = self.validate()
                 metrics.update(val)
                 self.tracker.log(self.state.step, val)
+                window_start += time.perf_counter() - val_start  # keep evaluation out of tokens/s
             if self.checkpointer.due(self.state.step):
                 self.checkpointer.save(self, reason="interval")
             if self._preempted():

@@ -46,6 +46,10 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = False
     init_std: float = 0.02
+    # normal: N(0, init_std) for linears and embeddings. torch_default: PyTorch's
+    # own initialisers (embeddings N(0, 1), linears U(+-1/sqrt(fan_in))), as the
+    # paper's code does -- it changes how fast the hidden-state norm grows.
+    init: Literal["normal", "torch_default"] = "normal"
     # How the input embedding enters each loop.
     injection: Literal["none", "add", "concat", "contractive"] = "none"
     # What the carried state starts as before the first loop.

@@ -1,0 +1,88 @@
+"""A real single-process training run on real (Bible) text, and bad-input handling."""
+
+import json
+import os
+
+import pytest
+
+from looptrain import exit_codes
+from looptrain.config import load_recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bible_data(tmp_path_factory):
+    from looptrain.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data") / "bible"
+    prepare_dataset("bible", out, vocab_size=512, seq_len=64, progress=False)
+    return str(out)
+
+
+def tiny(tmp_path, data_dir, *extra):
+    return load_recipe(
+        os.path.join(ROOT, "recipes/quickstart.yaml"),
+        [
+            f"data.dir={data_dir}", f"out_dir={tmp_path}", "name=tiny",
+            "model.vocab_size=512", "model.max_seq_len=64", "model.d_model=64", "model.n_heads=4",
+            "model.core_layers=1", "train.micro_batch_size=8", "train.steps=40", "train.log_every=10",
+            "train.val_every=20", "train.val_batches=2", "optim.schedule.warmup_steps=5", *extra,
+        ],
+    )
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.slow
+def test_short_run_learns_and_records_everything(tmp_path, bible_data):
+    from looptrain.train import main_worker
+
+    recipe = tiny(tmp_path, bible_data, "train.grad_accum=2")
+    assert main_worker(recipe) == exit_codes.OK
+    run_dir = recipe.run_dir
+    rows = read_metrics(run_dir)
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in train_rows] == [10, 20, 30, 40]
+    assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"] - 0.5
+    for k in range(1, 5):  # per-exit losses and raw-state norms for every loop
+        assert f"train/loss_exit/{k}" in train_rows[-1] and f"norm/mean/{k}" in train_rows[-1]
+        assert train_rows[-1][f"norm/max/{k}"] >= train_rows[-1][f"norm/mean/{k}"] > 0
+    val_rows = [r for r in rows if "val/loss/4" in r]
+    assert [r["step"] for r in val_rows] == [20, 40]
+    assert val_rows[-1]["val/ppl/4"] < 512
+    assert load_recipe(os.path.join(run_dir, "recipe.yaml")) == recipe
+
+
+@pytest.mark.slow
+def test_terminal_supervision_still_measures_every_exit(tmp_path, bible_data):
+    from looptrain.train import main_worker
+
+    recipe = tiny(tmp_path, bible_data, "objective.supervision=terminal", "train.steps=10", "train.val_every=0")
+    assert main_worker(recipe) == exit_codes.OK
+    last = read_metrics(recipe.run_dir)[-1]
+    assert all(f"train/loss_exit/{k}" in last for k in range(1, 5))
+
+
+def test_missing_data_dir_fails_fast_with_one_line(tmp_path, capsys):
+    from looptrain.cli import main
+
+    code = main(["train", os.path.join(ROOT, "recipes/quickstart.yaml"), f"data.dir={tmp_path}/nope",
+                 f"out_dir={tmp_path}"])
+    assert code == exit_codes.BAD_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0]
+
+
+def test_vocab_mismatch_names_both_sizes(tmp_path, bible_data, capsys):
+    from looptrain.cli import main
+
+    code = main(["train", os.path.join(ROOT, "recipes/quickstart.yaml"), f"data.dir={bible_data}",
+                 "model.vocab_size=100", "model.max_seq_len=64", f"out_dir={tmp_path}"])
+    assert code == exit_codes.BAD_INPUT
+    err = capsys.readouterr().err
+    assert "512" in err and "100" in err
+    assert not os.path.exists(os.path.join(tmp_path, "quickstart-blind-spot", "metrics.jsonl"))
