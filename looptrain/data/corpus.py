@@ -112,7 +112,9 @@ def read_jsonl(path: str | os.PathLike, text_field: str = "text") -> Iterator[st
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object") from err
+                raise DataError(
+                    f"{path}:{number}: not valid JSON ({err.msg}); each line must be one JSON object"
+                ) from err
             if not isinstance(record, dict) or text_field not in record:
                 keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
                 raise DataError(

@@ -80,8 +80,9 @@ def _load_meta(root: Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{meta_path}: unreadable ({err}); re-run `looptrain prepare --overwrite`") from err
-    if not isinstance(meta, dict) or meta.get("format") != DATASET_FORMAT:
-        raise DataError(f"{meta_path}: not a looptrain dataset (format {meta.get('format') if isinstance(meta, dict) else None!r}); make one with `looptrain prepare`")
+    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if found != DATASET_FORMAT:
+        raise DataError(f"{meta_path}: not a looptrain dataset (format {found!r}); make one with `looptrain prepare`")
     return meta
 
 
@@ -95,7 +96,9 @@ def _check_split(root: Path, split: str, meta: dict) -> None:
         )
         raise DataError(f"{root}: has no {split} split; {fix}")
     if not index_path.is_file():
-        raise DataError(f"{index_path}: missing, the {split} shards are incomplete; re-run `looptrain prepare --overwrite`")
+        raise DataError(
+            f"{index_path}: missing, the {split} shards are incomplete; re-run `looptrain prepare --overwrite`"
+        )
     index = json.loads(index_path.read_text())
     expected = f"ndarray:{meta['dtype']}:{meta['seq_len'] + 1}"
     for shard in index.get("shards", []):

@@ -20,11 +20,12 @@ Held-out split
     training documents only, so nothing about validation text leaks in.
 
 Atomicity
-    Everything is written into OUT.tmp-<pid> and renamed to OUT at the end; a
-    failure removes the temporary directory. A directory without
-    dataset.json is never a finished dataset. An existing OUT is refused
-    unless overwrite=True, in which case the old one is moved aside, the new
-    one renamed in, and the old one deleted.
+    Everything is written into OUT.tmp-<host>-<pid> and renamed to OUT at the
+    end; a failure removes the temporary directory, and one left by a killed
+    prepare on this host is removed by the next prepare of the same OUT. A
+    directory without dataset.json is never a finished dataset. An existing
+    OUT is refused unless overwrite=True, in which case the old one is moved
+    aside, the new one renamed in, and the old one deleted.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import datetime as _dt
 import json
 import os
 import shutil
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -104,7 +106,7 @@ def _choose_validation(n_documents: int, val_fraction: float, seed: int) -> np.n
 
 def _documents_of(source: DocumentSource, mask: np.ndarray, want_val: bool) -> Iterator[str]:
     for index, document in enumerate(source.documents()):
-        if mask[index] == want_val:
+        if index < len(mask) and mask[index] == want_val:
             yield document
 
 
@@ -152,12 +154,16 @@ def prepare_dataset(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise DataError(f"{out_dir}: already exists; pass --overwrite to replace it or choose another --out")
-    source = inputs if isinstance(inputs, DocumentSource) else DocumentSource.from_inputs(inputs, text_field, text_split)
+    if isinstance(inputs, DocumentSource):
+        source = inputs
+    else:
+        source = DocumentSource.from_inputs(inputs, text_field, text_split)
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise DataError(f"{tokenizer_path}: no tokenizer model here; drop --tokenizer to train one")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    _remove_abandoned_work_dirs(out_dir)
+    work = out_dir.with_name(f"{out_dir.name}.tmp-{_HOST}-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
@@ -169,6 +175,27 @@ def prepare_dataset(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return summary
+
+
+_HOST = socket.gethostname().split(".")[0].replace("-", "_")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_abandoned_work_dirs(out_dir: Path) -> None:
+    """Delete OUT.tmp-HOST-PID left by a killed prepare on this host (its PID is gone)."""
+    for path in out_dir.parent.glob(f"{out_dir.name}.tmp-{_HOST}-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _prepare_into(
@@ -213,6 +240,10 @@ def _prepare_into(
         for batch in _batched(enumerate(source.documents()), ENCODE_BATCH_DOCUMENTS):
             encoded = tokenizer.encode_batch([text for _, text in batch])
             for (index, _), ids in zip(batch, encoded):
+                if index >= n_documents:
+                    raise DataError(
+                        f"the inputs changed while being prepared (now more than {n_documents} documents); run again"
+                    )
                 name = "val" if is_val[index] else "train"
                 tokens = np.concatenate([np.asarray(ids, dtype=dtype), eos])
                 split = stats[name]

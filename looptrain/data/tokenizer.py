@@ -60,7 +60,9 @@ class Tokenizer:
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise TokenizerError(f"{path}: no tokenizer model here; train one with `looptrain prepare` or pass the right path")
+            raise TokenizerError(
+                f"{path}: no tokenizer model here; train one with `looptrain prepare` or pass the right path"
+            )
         processor = spm.SentencePieceProcessor()
         try:
             processor.Load(path)
