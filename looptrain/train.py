@@ -325,7 +325,7 @@ def train(recipe: Recipe, *, force_resume: bool = False) -> TrainResult:
 def main_worker(recipe: Recipe, *, force_resume: bool = False) -> int:
     """Entry point for one rank: returns the process exit status, printing errors once."""
     from looptrain.checkpoint import CheckpointError
-    from looptrain.data.loader import DataError
+    from looptrain.data.errors import DataError
 
     rank = int(os.environ.get("RANK", "0"))
     try:
