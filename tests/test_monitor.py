@@ -123,6 +123,7 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_accumulator_merges_ranks_with_one_reduction(tmp_path):
     import torch.multiprocessing as mp
 

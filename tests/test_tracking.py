@@ -94,6 +94,7 @@ def test_offline_run_holds_metrics_per_loop_charts_and_alert(wandb_env):
     tracker.event(LOG_EVENT)
     tracker.finish(0)
 
+    # finish() returns only once the run file is complete on disk.
     assert offline_run_files(run_dir)[0].endswith(f"run-{run_id}.wandb")
     records = _records_by_type(run_dir)
     rows = [r for r in _history_rows(records) if "norm/mean/1" in r]

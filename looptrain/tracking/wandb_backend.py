@@ -165,3 +165,8 @@ class WandbRun:
     def finish(self, exit_code: int) -> None:
         self.run.summary["exit_code"] = exit_code
         self.run.finish(exit_code=exit_code)
+        # finish() can return before W&B's writer process has flushed the run
+        # file (seen with offline runs in wandb 0.31); shutting the writer down
+        # guarantees that everything is on disk before the process exits or a
+        # requeued job resumes the run.
+        self._wandb.teardown()
