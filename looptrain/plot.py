@@ -75,11 +75,19 @@ def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    for run_dir in args.run_dirs:
-        if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
-            raise FileNotFoundError(
-                f"{run_dir}: no metrics.jsonl; pass run directories written by `looptrain train`"
-            )
+    """`looptrain plot`: exit status 0, or BAD_INPUT naming a directory without metrics."""
+    import sys
+
+    from looptrain.exit_codes import BAD_INPUT
+
+    missing = [d for d in args.run_dirs if not os.path.isfile(os.path.join(d, "metrics.jsonl"))]
+    if missing:
+        print(
+            f"looptrain plot: error: no metrics.jsonl in {', '.join(missing)}; "
+            "pass run directories written by `looptrain train`",
+            file=sys.stderr,
+        )
+        return BAD_INPUT
     path = plot_runs(args.run_dirs, args.out)
     print(f"wrote {path}")
     return 0

@@ -58,6 +58,7 @@ def _step_metrics(step: int, loops: int = 4) -> dict[str, float]:
 
 
 WARN_EVENT = MonitorEvent(30, "final_rms", "WARN", "alert", "final-loop RMS 150 above warn 100", {"rms": 150.0})
+HALT_EVENT = MonitorEvent(31, "nonfinite", "ERROR", "halt", "train/loss=nan: diverged", {"train/loss": math.nan})
 LOG_EVENT = MonitorEvent(30, "loop_ratio", "WARN", "log", "loop 3 ratio 5 above 4", {"ratio": 5.0})
 
 
@@ -92,7 +93,8 @@ def test_offline_run_holds_metrics_per_loop_charts_and_alert(wandb_env):
     tracker.log(30, {"val/loss/1": 5.1, "val/loss/4": 4.6, "val/ppl/4": math.exp(4.6)})
     tracker.event(WARN_EVENT)
     tracker.event(LOG_EVENT)
-    tracker.finish(0)
+    tracker.event(HALT_EVENT)
+    tracker.finish(17)
 
     # finish() returns only once the run file is complete on disk.
     assert offline_run_files(run_dir)[0].endswith(f"run-{run_id}.wandb")
@@ -104,9 +106,10 @@ def test_offline_run_holds_metrics_per_loop_charts_and_alert(wandb_env):
     # Our step is the x-axis of every metric.
     metric_records = [r.metric for r in records["metric"]]
     assert any(m.glob_name == "*" and m.step_metric == "step" for m in metric_records)
-    # Exactly one alert: the event whose action is alert, with its level.
-    (alert,) = [r.alert for r in records["alert"]]
-    assert "final_rms" in alert.title and alert.level == "WARN" and "150" in alert.text
+    # One alert per event whose action is alert or halt, with its level; none for a logged event.
+    warn_alert, halt_alert = [r.alert for r in records["alert"]]
+    assert "final_rms" in warn_alert.title and warn_alert.level == "WARN" and "150" in warn_alert.text
+    assert "nonfinite" in halt_alert.title and halt_alert.level == "ERROR"
     # One chart per family with one line per loop (a line_series custom chart).
     config_keys = {"/".join(item.nested_key) or item.key for r in records["config"] for item in r.config.update}
     assert "_wandb/visualize/per_loop/norm_mean" in config_keys
@@ -114,14 +117,14 @@ def test_offline_run_holds_metrics_per_loop_charts_and_alert(wandb_env):
     run_record = records["run"][0].run
     initial_config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
     assert initial_config["model"] == {"loops": 4, "readout": "rmsnorm"}, "the resolved recipe is the W&B config"
-    assert records["exit"][0].exit.exit_code == 0
+    assert records["exit"][0].exit.exit_code == 17
     assert (list(run_record.tags), run_record.run_group, run_record.display_name) == (["t1"], "g", "quick")
 
     # The JSONL files hold the same, independent of W&B.
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [10, 20, 30] and metrics[-1]["val/loss/4"] == 4.6
     events = [json.loads(line) for line in open(os.path.join(run_dir, "events.jsonl"))]
-    assert [e["rule"] for e in events] == ["final_rms", "loop_ratio"]
+    assert [e["rule"] for e in events] == ["final_rms", "loop_ratio", "nonfinite"]
 
 
 def test_resume_id_continues_the_same_run(wandb_env):
@@ -253,7 +256,7 @@ def read_metrics_nan(tmp_path) -> float:
     return float(first_20["train/loss"])
 
 
-def test_plot_writes_a_png_for_several_runs(tmp_path):
+def test_plot_writes_a_png_for_several_runs(tmp_path, capsys):
     from looptrain.plot import add_plot_arguments, run_plot
 
     run_dirs = []
@@ -273,5 +276,5 @@ def test_plot_writes_a_png_for_several_runs(tmp_path):
     assert run_plot(parser.parse_args([*run_dirs, "-o", str(out)])) == 0
     data = out.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 10_000
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
-        run_plot(parser.parse_args([str(tmp_path / "missing")]))
+    assert run_plot(parser.parse_args([run_dirs[0], str(tmp_path / "missing")])) == 2
+    assert "no metrics.jsonl in " + str(tmp_path / "missing") in capsys.readouterr().err
