@@ -227,8 +227,7 @@ class RuleConfig:
 
 @dataclass
 class MonitorConfig:
-    enabled: bool = True
-    every: int = 0  # steps between checks; 0 = train.log_every
+    enabled: bool = True  # rules are checked at every log interval (train.log_every)
     # Final-loop RMS of the raw state (per coordinate, width independent).
     final_rms: RuleConfig = field(default_factory=lambda: RuleConfig(warn=100.0, halt=1000.0, patience=2))
     # Growth of the final-loop RMS over a window of steps (ratio).

@@ -1,0 +1,126 @@
+"""The norm monitor on real training runs: halting, alerts, NaN and spikes."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from looptrain import exit_codes
+from looptrain.config import load_recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def bible_data(tmp_path_factory):
+    from looptrain.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data") / "bible"
+    prepare_dataset("bible", out, vocab_size=512, seq_len=64, progress=False)
+    return str(out)
+
+
+def recipe(tmp_path, data_dir, *extra):
+    return load_recipe(
+        os.path.join(ROOT, "recipes/quickstart.yaml"),
+        [
+            f"data.dir={data_dir}", f"out_dir={tmp_path}", "name=mon",
+            "model.vocab_size=512", "model.max_seq_len=64", "model.d_model=64", "model.n_heads=4",
+            "train.micro_batch_size=8", "train.steps=60", "train.log_every=5", "train.val_every=0",
+            "optim.lr=1e-2", "optim.schedule.name=constant", "optim.schedule.warmup_steps=0",
+            # A deliberately tight halt threshold on the final-loop RMS.
+            "monitor.final_rms.warn=1.5", "monitor.final_rms.halt=3.0", "monitor.final_rms.patience=2",
+            *extra,
+        ],
+    )
+
+
+def events(run_dir):
+    with open(os.path.join(run_dir, "events.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_blind_spot_run_is_halted_and_not_auto_resumed(tmp_path, bible_data, capsys):
+    from looptrain.cli import main
+    from looptrain.train import main_worker
+
+    r = recipe(tmp_path, bible_data)
+    assert main_worker(r) == exit_codes.HALTED
+    halted = json.load(open(os.path.join(r.run_dir, "HALTED.json")))
+    assert halted["rule"] == "final_rms" and halted["exit_status"] == exit_codes.HALTED
+    assert halted["step"] < 60 and halted["values"]
+    assert halted["extra"]["checkpoint"] and os.path.isdir(halted["extra"]["checkpoint"])
+    levels = {(e["rule"], e["level"]) for e in events(r.run_dir)}
+    assert ("final_rms", "ERROR") in levels
+    # resume: auto refuses to continue a halted run ...
+    capsys.readouterr()
+    argv = ["train", os.path.join(ROOT, "recipes/quickstart.yaml")]
+    overrides = [a for a in _overrides(tmp_path, bible_data)]
+    assert main(argv + overrides) == exit_codes.BAD_INPUT
+    err = capsys.readouterr().err
+    assert "HALTED" in err or "halted" in err
+    assert "--force-resume" in err
+
+
+def _overrides(tmp_path, data_dir):
+    return [
+        f"data.dir={data_dir}", f"out_dir={tmp_path}", "name=mon",
+        "model.vocab_size=512", "model.max_seq_len=64", "model.d_model=64", "model.n_heads=4",
+        "train.micro_batch_size=8", "train.steps=60", "train.log_every=5", "train.val_every=0",
+        "optim.lr=1e-2", "optim.schedule.name=constant", "optim.schedule.warmup_steps=0",
+        "monitor.final_rms.warn=1.5", "monitor.final_rms.halt=3.0", "monitor.final_rms.patience=2",
+    ]
+
+
+def test_scale_controlled_run_is_not_halted(tmp_path, bible_data):
+    from looptrain.train import main_worker
+
+    r = recipe(tmp_path, bible_data, "model.recurrence=rmsnorm", "model.readout=final_only")
+    assert main_worker(r) == exit_codes.OK
+    assert not os.path.exists(os.path.join(r.run_dir, "HALTED.json"))
+
+
+def _trainer(r):
+    from looptrain.parallel import init_distributed
+    from looptrain.train import Trainer
+
+    env = init_distributed(r.train.device)
+    return Trainer(r, env)
+
+
+def test_nan_halts_within_one_step(tmp_path, bible_data):
+    r = recipe(tmp_path, bible_data, "model.recurrence=rmsnorm", "train.log_every=50")
+    trainer = _trainer(r)
+
+    def poison(module, inputs, output):  # a NaN appears in the forward pass at step 7
+        return output * float("nan") if trainer.state.step == 7 else output
+
+    trainer.backend.model.core.register_forward_hook(poison)
+    before = [p.detach().clone() for p in trainer.backend.model.parameters()]
+    result = trainer.run()
+    trainer.tracker.finish(result.exit_code)
+    assert result.exit_code == exit_codes.HALTED and result.step == 8
+    halted = json.load(open(os.path.join(r.run_dir, "HALTED.json")))
+    assert halted["rule"] == "nonfinite"
+    assert halted["extra"]["checkpoint"] is None  # a non-finite state is not checkpointed
+    # The non-finite step was not applied: the weights are still finite.
+    assert all(torch.isfinite(p).all() for p in trainer.backend.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.backend.model.parameters()))
+
+
+def test_loss_spike_triggers_the_spike_rule(tmp_path, bible_data):
+    r = recipe(tmp_path, bible_data, "model.recurrence=rmsnorm", "train.log_every=1", "train.steps=40",
+               "monitor.spike_warmup=10", "monitor.final_rms.enabled=false")
+    trainer = _trainer(r)
+
+    def spike(module, inputs, output):  # scramble the features once: the loss jumps
+        return output.flip(-1) * 30 if trainer.state.step == 30 else output
+
+    trainer.backend.model.core.register_forward_hook(spike)
+    result = trainer.run()
+    trainer.tracker.finish(result.exit_code)
+    assert result.exit_code == exit_codes.OK
+    spikes = [e for e in events(r.run_dir) if e["rule"] == "loss_spike"]
+    assert spikes and spikes[0]["step"] == 31 and spikes[0]["level"] in ("WARN", "ERROR")
