@@ -1,0 +1,206 @@
+"""Start N local worker processes of one job: `looptrain train --nproc N RECIPE ...`.
+
+Why not torchrun: torchrun parses the script's own flags as prefixes of its
+own (`--n` becomes ambiguous), and it is one more layer to explain. The job of
+a local launcher is small: give each worker its rank and a rendezvous address,
+show their output, and never leave a job half alive.
+
+Failure policy. A rank that raises exits non-zero at once; its peers are then
+usually blocked inside a collective waiting for it and would wait until the
+process-group timeout (30 minutes by default). So when any worker fails, the
+others get SIGTERM, then SIGKILL after a short grace period, and the launcher
+returns the failed worker's status. HALTED and PREEMPTED are collective
+decisions that every rank reaches together (rank 0 may still be writing the
+checkpoint or halt record), so those get a long grace period instead.
+
+Under torchrun the same holds (it tears down the group when one worker
+fails); under Slurm use `srun --kill-on-bad-exit=1` so that one task's
+non-zero exit ends the step's other tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, TextIO
+
+from looptrain import exit_codes
+
+FAILURE_GRACE_S = 5.0  # SIGTERM -> SIGKILL after a peer failed (peers are usually stuck in a collective)
+COORDINATED_GRACE_S = 300.0  # peers of a rank that halted/was preempted finish their own checkpoint
+_COORDINATED = {exit_codes.HALTED, exit_codes.PREEMPTED}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now (the rendezvous binds it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def worker_env(rank: int, nproc: int, master_port: int, base: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The variables torch.distributed, DeepSpeed and mosaicml-streaming read, for one local rank."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(master_port),
+        PYTHONUNBUFFERED="1",
+    )
+    if "OMP_NUM_THREADS" not in env:  # N processes sharing the cores, as torchrun does
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    return env
+
+
+@dataclass
+class _Worker:
+    rank: int
+    proc: subprocess.Popen
+    reader: threading.Thread
+
+
+def _stream(rank: int, pipe, out: TextIO, lock: threading.Lock) -> None:
+    for line in iter(pipe.readline, ""):
+        with lock:
+            out.write(f"[rank {rank}] {line}" if line.endswith("\n") else f"[rank {rank}] {line}\n")
+            out.flush()
+    pipe.close()
+
+
+def _status(returncode: int) -> int:
+    """Popen's -SIG for a signal death becomes the shell's 128 + SIG."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the worker and anything it started (each worker leads its own process group)."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_all(workers: Sequence[_Worker], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(w.proc.poll() is None for w in workers):
+        time.sleep(0.05)
+
+
+def _stop(workers: Sequence[_Worker], grace_s: float, *, wait_first_s: float = 0.0) -> None:
+    """Let the workers finish for `wait_first_s`, then SIGTERM, then SIGKILL after `grace_s`."""
+    _wait_all(workers, wait_first_s)
+    for w in workers:
+        _signal_group(w.proc, signal.SIGTERM)
+    _wait_all(workers, grace_s)
+    for w in workers:
+        _signal_group(w.proc, signal.SIGKILL)
+    for w in workers:
+        w.proc.wait()
+
+
+def launch_workers(
+    command: Sequence[str],
+    nproc: int,
+    *,
+    env: Optional[dict[str, str]] = None,
+    out: Optional[TextIO] = None,
+    failure_grace_s: float = FAILURE_GRACE_S,
+    coordinated_grace_s: float = COORDINATED_GRACE_S,
+) -> int:
+    """Run `command` as ranks 0..nproc-1 of one job; return the job's exit status.
+
+    0 when every rank exits 0; otherwise the status of the first rank that
+    exited non-zero (a signal death reads 128 + signal), after the others
+    have been stopped.
+    """
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    out = sys.stdout if out is None else out
+    lock = threading.Lock()
+    port = free_port()
+    workers: list[_Worker] = []
+    for rank in range(nproc):
+        proc = subprocess.Popen(
+            list(command),
+            env=worker_env(rank, nproc, port, env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # own process group: a stop reaches the worker's children too
+        )
+        reader = threading.Thread(target=_stream, args=(rank, proc.stdout, out, lock), daemon=True)
+        reader.start()
+        workers.append(_Worker(rank, proc, reader))
+
+    forwarded = _forward_signals(workers)
+    failed: Optional[_Worker] = None
+    try:
+        while failed is None and any(w.proc.poll() is None for w in workers):
+            failed = next((w for w in workers if w.proc.poll() not in (None, 0)), None)
+            if failed is None:
+                time.sleep(0.05)
+        if failed is None:  # everyone has exited: a late failure is still a failure
+            failed = next((w for w in workers if w.proc.returncode != 0), None)
+        if failed is not None:
+            status = _status(failed.proc.returncode)
+            others = [w for w in workers if w is not failed]
+            if status in _COORDINATED:
+                _stop(others, failure_grace_s, wait_first_s=coordinated_grace_s)
+            else:
+                if any(w.proc.poll() is None for w in others):
+                    with lock:
+                        print(f"looptrain: rank {failed.rank} exited with status {status}; "
+                              "stopping the other workers", file=sys.stderr, flush=True)
+                _stop(others, failure_grace_s)
+    except KeyboardInterrupt:
+        _stop(workers, failure_grace_s)
+        return 130
+    finally:
+        _restore_signals(forwarded)
+        for w in workers:
+            w.reader.join(timeout=5)
+    return 0 if failed is None else _status(failed.proc.returncode)
+
+
+def _forward_signals(workers: Sequence[_Worker]) -> dict[int, object]:
+    """Pass SIGTERM/SIGUSR2 on to every worker: a preemption notice reaches each rank's checkpoint logic."""
+    previous: dict[int, object] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+
+    def forward(signum, _frame):
+        for w in workers:
+            if w.proc.poll() is None:
+                try:
+                    w.proc.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        previous[sig] = signal.signal(sig, forward)
+    return previous
+
+
+def _restore_signals(previous: dict[int, object]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def launch_local(argv: list[str], nproc: int) -> int:
+    """`python -m looptrain.cli *argv` as `nproc` local ranks (argv without --nproc)."""
+    if "--nproc" in argv or any(a.startswith("--nproc=") for a in argv):
+        raise ValueError("launch_local: argv must not contain --nproc (the workers would launch workers)")
+    return launch_workers([sys.executable, "-m", "looptrain.cli", *argv], nproc)
