@@ -15,7 +15,7 @@ import torch
 from looptrain import exit_codes
 from looptrain.config.schema import ModelConfig, ObjectiveConfig
 from looptrain.eval.collect import ExitData, collect_exit_data
-from looptrain.eval.depth import depth_result, evaluate_depths
+from looptrain.eval.depth import evaluate_depths
 from looptrain.eval.diagnostics import radial_clamp_effect, radial_gradient_shares, run_loops
 from looptrain.eval.exits import (
     POLICIES,
@@ -407,3 +407,30 @@ def test_cli_end_to_end_on_an_export(tmp_path, bible_data, capsys):
     assert result["depth"]["depths"] == [1, 2, 3, 4] and result["tokens"] == 2 * 4 * SEQ
     assert result["exits"]["depth"] == 3 and result["data_dir"] == bible_data
     assert len(result["diagnostics"]["radial"]["exit_loss"]) == 4
+
+
+@pytest.mark.slow
+def test_cli_on_a_trained_run_directory(tmp_path, bible_data, capsys):
+    """A real run directory (recipe.yaml + sharded checkpoint): data and batch size come from its recipe."""
+    from looptrain.cli import main
+    from looptrain.config import load_recipe
+    from looptrain.eval.load import load_model_for_eval
+    from looptrain.train import main_worker
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    recipe = load_recipe(os.path.join(root, "recipes/quickstart.yaml"), [
+        f"data.dir={bible_data}", f"out_dir={tmp_path}", "name=tiny", f"model.vocab_size={VOCAB}",
+        f"model.max_seq_len={SEQ}", "model.d_model=32", "model.n_heads=4", "model.core_layers=1", "model.loops=3",
+        "train.micro_batch_size=4", "train.steps=2", "train.val_every=0", "optim.schedule.warmup_steps=0",
+    ])
+    assert main_worker(recipe) == exit_codes.OK
+    capsys.readouterr()
+    model, loaded_recipe, data_dir = load_model_for_eval(recipe.run_dir)
+    assert loaded_recipe == recipe and data_dir == bible_data and model.cfg == recipe.model
+
+    assert main(["eval", recipe.run_dir, "--depths", "2..5", "--batches", "2", "--device", "cpu"]) == exit_codes.OK
+    assert "| depth | tiny |" in capsys.readouterr().out
+    (result,) = json.loads((tmp_path / "tiny" / "eval" / "results.json").read_text())
+    assert result["depth"]["depths"] == [2, 3, 4, 5] and result["batch_size"] == 4
+    assert result["tokens"] == 2 * 4 * SEQ and result["recipe"]["supervision"] == "per_loop"
+    assert result["exits"]["depth"] == 3 and result["diagnostics"] is None

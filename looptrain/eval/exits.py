@@ -122,7 +122,9 @@ def evaluate_threshold(data: ExitData, policy: str, threshold: float, depth: Opt
     return ExitPoint(policy, float(threshold), float(exits.double().mean() + 1.0), loss, perplexity(loss))
 
 
-def sweep_thresholds(data: ExitData, policy: str, depth: Optional[int] = None, points: int = SWEEP_POINTS) -> list[float]:
+def sweep_thresholds(
+    data: ExitData, policy: str, depth: Optional[int] = None, points: int = SWEEP_POINTS
+) -> list[float]:
     """Thresholds that trace the policy's whole curve: 0, quantiles of its confidences, inf."""
     depth = _check_depth(data, depth)
     if policy == "fixed":
