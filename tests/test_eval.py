@@ -414,7 +414,7 @@ def test_cli_on_a_trained_run_directory(tmp_path, bible_data, capsys):
     """A real run directory (recipe.yaml + sharded checkpoint): data and batch size come from its recipe."""
     from looptrain.cli import main
     from looptrain.config import load_recipe
-    from looptrain.eval.load import load_model_for_eval
+    from looptrain.eval.load import load_model_for_eval, source_name
     from looptrain.train import main_worker
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -427,6 +427,11 @@ def test_cli_on_a_trained_run_directory(tmp_path, bible_data, capsys):
     capsys.readouterr()
     model, loaded_recipe, data_dir = load_model_for_eval(recipe.run_dir)
     assert loaded_recipe == recipe and data_dir == bible_data and model.cfg == recipe.model
+    checkpoint = tmp_path / "tiny" / "checkpoints" / "step_00000002"
+    assert source_name(checkpoint) == "tiny@2"
+    same, ckpt_recipe, _ = load_model_for_eval(checkpoint)
+    assert ckpt_recipe == recipe
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
 
     assert main(["eval", recipe.run_dir, "--depths", "2..5", "--batches", "2", "--device", "cpu"]) == exit_codes.OK
     assert "| depth | tiny |" in capsys.readouterr().out

@@ -68,19 +68,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from looptrain.checkpoint.errors import CheckpointError
     from looptrain.config.schema import RecipeError
     from looptrain.data.errors import DataError
     from looptrain.eval.plots import write_plots
     from looptrain.eval.report import markdown, write_reports
     from looptrain.eval.run import evaluate_run
 
-    bad_input: tuple[type[BaseException], ...] = (EvalError, DataError, RecipeError)
-    try:
-        from looptrain.checkpoint.errors import CheckpointError
-
-        bad_input += (CheckpointError,)
-    except ImportError:
-        pass
+    bad_input = (EvalError, DataError, RecipeError, CheckpointError)
     try:
         if args.exit_target < 0:
             raise EvalError(f"--exit-target must be >= 0 (0.01 = 1%), got {args.exit_target}")

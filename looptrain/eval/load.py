@@ -10,7 +10,8 @@ Accepted paths
 
 Checkpoints are sharded training state; they are consolidated through
 `looptrain.checkpoint.tools.export_checkpoint` into a temporary export and
-loaded from there, so evaluation reads exactly what `looptrain export` writes.
+loaded from there with `looptrain.checkpoint.exported.load_exported`, so
+evaluation reads exactly what `looptrain export` writes.
 """
 
 from __future__ import annotations
@@ -69,40 +70,17 @@ def _read_recipe(path: Path) -> Optional[Recipe]:
 
 
 def _load_exported_model(path: Path):
-    try:
-        from looptrain.checkpoint.exported import load_exported
-    except ImportError:  # checkpoint support not installed: read the same two files directly
-        return _read_export_directly(path)
+    from looptrain.checkpoint.exported import load_exported
+
     try:
         return load_exported(path)
     except (FileNotFoundError, ValueError) as err:
         raise EvalError(str(err)) from None
 
 
-def _read_export_directly(path: Path):
-    from safetensors.torch import load_file
-
-    from looptrain.config.loader import build_dataclass
-    from looptrain.config.schema import ModelConfig
-    from looptrain.model import LoopedLM
-
-    data = json.loads((path / CONFIG_FILE).read_text())
-    section = data.get("model", data) if isinstance(data, dict) else None
-    if not isinstance(section, dict):
-        raise EvalError(f"{path / CONFIG_FILE}: not a looptrain model config; re-export with `looptrain export`")
-    model = LoopedLM(build_dataclass(ModelConfig, section, "model"))
-    model.load_state_dict(load_file(str(path / WEIGHTS_FILE), device="cpu"), strict=True)
-    return model.eval()
-
-
 def _load_checkpoint_model(path: Path):
-    try:
-        from looptrain.checkpoint.tools import export_checkpoint
-    except ImportError as err:
-        raise EvalError(
-            f"{path}: reading a training checkpoint needs looptrain.checkpoint ({err}); "
-            "evaluate an export made with `looptrain export CKPT OUT` instead"
-        ) from None
+    from looptrain.checkpoint.tools import export_checkpoint  # DCP / DeepSpeed: imported only when needed
+
     with tempfile.TemporaryDirectory(prefix="looptrain-eval-") as tmp:
         export_checkpoint(path, tmp)
         return _load_exported_model(Path(tmp))
@@ -110,13 +88,12 @@ def _load_checkpoint_model(path: Path):
 
 def _checkpoint_recipe(path: Path) -> Optional[Recipe]:
     """The recipe saved inside the checkpoint (recipe.json), else the run directory's recipe.yaml."""
+    from looptrain.checkpoint.layout import resolve_checkpoint
     from looptrain.config import recipe_from_dict
 
     try:
-        from looptrain.checkpoint.layout import resolve_checkpoint
-
         ckpt = resolve_checkpoint(path)
-    except (ImportError, FileNotFoundError):
+    except FileNotFoundError:
         ckpt = None
     if ckpt is not None and (ckpt / "recipe.json").is_file():
         return recipe_from_dict(json.loads((ckpt / "recipe.json").read_text()))
