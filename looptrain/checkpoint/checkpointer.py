@@ -258,6 +258,7 @@ class Checkpointer:
         rng = payload.load_rng(path, self.env.rank)
         if rng is not None:
             restore_rng_state(rng)
+            trainer.batches = RestoreRngAtFirstBatch(trainer.batches, rng)
         else:
             # A rank the saving job did not have: a fresh stream, distinct per rank and step.
             seed_everything(self.recipe.train.seed + 1000 * self.env.rank + 7919 * state.step)
@@ -384,6 +385,40 @@ class Checkpointer:
             ) from err
         took = (pending.finished or time.perf_counter()) - pending.started
         self._say(f"saved {pending.final} (interval, asynchronous, written in {took:.2f} s)")
+
+
+class RestoreRngAtFirstBatch:
+    """The trainer's batch stream, restoring this rank's saved RNG streams right
+    after the first batch of the resumed run is drawn.
+
+    The streams were captured after the last step before the save; the next
+    thing that uses them in an uninterrupted run is that step's forward
+    (dropout, noise states). A resumed process, however, does more between
+    loading the checkpoint and its first forward: measuring the device's peak
+    FLOPs draws random matrices, and creating the first data-loader iterator
+    draws a base seed from the global generator. Restoring at the first batch,
+    just before the first forward, makes all of that invisible. (If a resume
+    falls exactly on an epoch boundary, the uninterrupted run draws that seed
+    there too; a loader built with its own `generator` draws nothing at all.)
+    Everything else is delegated to the wrapped stream.
+    """
+
+    def __init__(self, batches, rng_state: dict[str, Any]):
+        self._batches = batches
+        self._rng_state: Optional[dict[str, Any]] = rng_state
+
+    def __iter__(self) -> "RestoreRngAtFirstBatch":
+        return self
+
+    def __next__(self):
+        batch = next(self._batches)
+        if self._rng_state is not None:
+            restore_rng_state(self._rng_state)
+            self._rng_state = None
+        return batch
+
+    def __getattr__(self, name: str):
+        return getattr(self._batches, name)
 
 
 def _remove_tree(path: Path) -> None:

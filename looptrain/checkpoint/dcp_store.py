@@ -10,7 +10,9 @@ Without a process group DCP runs in single-process mode (`no_dist`).
 Asynchronous saves copy the state to CPU memory on the training thread
 (the only part that blocks) and write from a background thread; that thread
 talks to the other ranks on a process group of its own, so its collectives
-never interleave with the training loop's.
+never interleave with the training loop's. The CPU copy lives in buffers kept
+from one save to the next (pinned on CUDA machines): allocating and faulting
+in a fresh copy costs several times more than copying into warm memory.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -49,6 +52,17 @@ class DCPStore:
     def __init__(self, backend, *, async_group: Optional["dist.ProcessGroup"] = None):
         self.backend = backend
         self.async_group = async_group
+        self._stager = None  # the CPU staging buffers of asynchronous saves, reused
+
+    def _staging(self):
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(
+                use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False,
+            ))
+        return self._stager
 
     def _state(self) -> dict:
         model_sd, optim_sd = get_state_dict(
@@ -62,7 +76,7 @@ class DCPStore:
         state = self._state()
         if use_async:
             return dcp.async_save(state, checkpoint_id=target, process_group=self.async_group,
-                                  no_dist=not _distributed())
+                                  async_stager=self._staging(), no_dist=not _distributed())
         dcp.save(state, checkpoint_id=target, no_dist=not _distributed())
         return None
 

@@ -1,6 +1,7 @@
 """Which checkpoints stay: the newest `keep_last`, every multiple of
 `keep_every`, and the one this run resumed from (it may be the only valid
-one if a newer save turns out damaged). Removal first renames a directory
+one if a newer save turns out damaged). Only directories with a manifest
+count; a `step_*` directory without one is not ours to delete. Removal first renames a directory
 out of the `step_*` namespace, so an interrupted removal never leaves a
 half-deleted directory that looks like a checkpoint."""
 
@@ -13,6 +14,7 @@ from typing import Iterable, Optional
 
 from looptrain.checkpoint.layout import (
     DELETING_PREFIX,
+    MANIFEST_FILE,
     TMP_PREFIX,
     UNIVERSAL_PREFIX,
     committed,
@@ -49,7 +51,9 @@ def apply_retention(
     """Delete checkpoints retention does not keep, plus leftovers of crashed saves
     and deletions and universal conversions of removed checkpoints. Returns what was removed."""
     protected_paths = {Path(p).resolve() for p in protected}
-    found = committed(ckpt_root)
+    # A step directory without a manifest cannot come from a commit (the manifest
+    # is written before the rename): it is not counted, and not deleted either.
+    found = [p for p in committed(ckpt_root) if (p / MANIFEST_FILE).is_file()]
     keep = to_keep(
         (step_of(p) for p in found), keep_last, keep_every,
         protected=(step_of(p) for p in found if p.resolve() in protected_paths),
