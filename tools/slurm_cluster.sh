@@ -11,6 +11,11 @@
 #
 # Typical use:  eval "$(sudo tools/slurm_cluster.sh start)" && srun -N2 -n2 hostname
 #
+# Environment: LOOPTRAIN_SLURM_STATE_DIR (the default STATE_DIR), LOOPTRAIN_SLURM_CPUS
+# (CPUs per node, default nproc, at least 2), and the TCP ports, to run a second
+# cluster beside the first: LOOPTRAIN_SLURM_CTLD_PORT (16817), _DBD_PORT (16819),
+# _MYSQL_PORT (16306), _SLURMD_PORT (17001 for n1, +1 for n2).
+#
 # Why each piece is there:
 # - munged: Slurm authenticates every message with munge. It runs with its own
 #   key and socket under STATE_DIR so that a system munged is never disturbed.
@@ -33,7 +38,7 @@ readonly NODES=(n1 n2)
 readonly CTLD_PORT=${LOOPTRAIN_SLURM_CTLD_PORT:-16817}
 readonly DBD_PORT=${LOOPTRAIN_SLURM_DBD_PORT:-16819}
 readonly MYSQL_PORT=${LOOPTRAIN_SLURM_MYSQL_PORT:-16306}
-readonly SLURMD_PORTS=(17001 17002)
+readonly SLURMD_PORT=${LOOPTRAIN_SLURM_SLURMD_PORT:-17001}  # n1; n2 uses the next one
 readonly DB_NAME=slurm_acct_db
 readonly DB_USER=slurm
 readonly DB_PASS=looptrain-slurm-test
@@ -222,12 +227,20 @@ JobRequeue=1
 ReturnToService=2
 # Seconds between SIGTERM and SIGKILL at a time limit or cancel.
 KillWait=10
+# An allocation whose srun/salloc died (e.g. killed by a test timeout) ends after 30 s.
+InactiveLimit=30
 # A job in partition "urgent" preempts jobs in "debug" by requeueing them: a
-# real preemption, for testing checkpoint-and-requeue.
+# real preemption, for testing checkpoint-and-requeue. preempt_send_user_signal: the
+# preempted job first gets its own --signal (submitit: USR2, its checkpoint cue),
+# then GraceTime seconds to act on it before it is killed and requeued.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[${SLURMD_PORTS[0]}-${SLURMD_PORTS[1]}] CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB State=UNKNOWN
-PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+SlurmctldParameters=preempt_send_user_signal
+# Pending jobs whose begin time has passed (a requeued job waits cred_expire+1 s)
+# are looked at every few seconds instead of every 30-60 s.
+SchedulerParameters=sched_interval=2,bf_interval=2
+NodeName=n[1-2] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[$SLURMD_PORT-$((SLURMD_PORT + 1))] CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB State=UNKNOWN
+PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=20
 PartitionName=urgent Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
   # slurmdbd reads slurmdbd.conf next to SLURM_CONF and insists on mode 600.
@@ -370,6 +383,8 @@ cmd_start() {
   exec 9>"$STATE_DIR/.lock"
   flock -w 120 9 || die "another start/stop holds $STATE_DIR/.lock"
   local t0=$SECONDS
+  # A failed start leaves nothing running behind it.
+  trap 'log "start failed: stopping what was started"; stop_daemons' EXIT
   if [[ -n $(daemon_pids munged; daemon_pids mariadbd; daemon_pids slurmdbd; daemon_pids slurmctld; daemon_pids slurmd) ]]; then
     log "daemons of a previous cluster in $STATE_DIR are running: stopping them first"
     stop_daemons
@@ -391,6 +406,7 @@ cmd_start() {
       die "nodes did not become idle; logs are in $LOGS"
     }
   fi
+  trap - EXIT
   log "cluster '$CLUSTER_NAME' up in $((SECONDS - t0))s (state in $STATE_DIR)"
   cmd_env
 }
