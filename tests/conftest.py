@@ -17,3 +17,10 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/loopt
 @pytest.fixture
 def repo_root() -> str:
     return ROOT
+
+
+# The session-wide local Slurm cluster (tests/slurm_fixtures.py). Imported by
+# module name from this directory: a top-level `tests` package installed by a
+# third-party distribution would shadow `tests.slurm_fixtures`.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from slurm_fixtures import slurm_cluster  # noqa: E402,F401
