@@ -49,6 +49,32 @@ def dataset(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="module")
+def small_dataset(dataset, tmp_path_factory) -> str:
+    """10 chapters with the same tokenizer: 419 training sequences, an epoch of 26 batches of 16."""
+    from looptrain.data.corpus import DocumentSource, corpus_text
+    from looptrain.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("ckpt-data") / "bible10"
+    source = DocumentSource(
+        describe={"corpus": "bible", "first_chapters": 10},
+        documents=lambda: itertools.islice(corpus_text("bible"), 10),
+    )
+    prepare_dataset(source, out, tokenizer_path=Path(dataset) / "tokenizer.model", seq_len=SEQ_LEN,
+                    val_fraction=0.1, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm_peak_flops_probe():
+    """The trainer measures this CPU's matmul peak once per process (cached), drawing
+    random matrices from the global generator the first time only. Measuring it up
+    front gives every in-process run the same RNG history, as separate processes have."""
+    from looptrain.perf import peak_flops
+
+    peak_flops(torch.device("cpu"), "fp32")
+
+
 def recipe_dict(dataset: str, out_dir: Path, name: str = "run") -> dict:
     return {
         "name": name,
@@ -155,6 +181,72 @@ def test_resumed_run_continues_exactly(dataset, tmp_path):
     expected = [r for r in losses(straight.run_dir) if r[0] > 4]
     got = [r for r in losses(stopped.run_dir) if r[0] > 4]
     assert got == expected and len(got) == 4
+
+
+class RecordBatches:
+    """The trainer's batch stream, keeping a copy of every batch drawn."""
+
+    def __init__(self, batches):
+        self._batches = batches
+        self.seen: list[torch.Tensor] = []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._batches)
+        self.seen.append(batch.clone())
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self._batches, name)
+
+
+def run_recording(recipe) -> tuple[list[torch.Tensor], object]:
+    trainer = build_trainer(recipe)
+    recorder = trainer.batches = RecordBatches(trainer.batches)
+    result = trainer.run()
+    trainer.tracker.finish(result.exit_code)
+    return recorder.seen, trainer
+
+
+EPOCH_BATCHES = 26  # small_dataset in batches of 16
+
+
+@pytest.mark.parametrize("stop", [13, EPOCH_BATCHES], ids=["mid-epoch", "epoch-end"])
+def test_resume_neither_skips_nor_repeats_a_sample(small_dataset, tmp_path, stop):
+    """Stop inside the first epoch or exactly at its end, resume, run into the second epoch:
+    the batches equal an uninterrupted run's, one for one."""
+    steps = EPOCH_BATCHES + 6
+    common = ("train.micro_batch_size=16", f"train.steps={steps}")
+    straight, _ = run_recording(make_recipe(small_dataset, tmp_path, *common, name="straight"))
+    first, _ = run_recording(make_recipe(small_dataset, tmp_path, *common, f"train.steps={stop}", name="stopped"))
+    second, resumed = run_recording(make_recipe(small_dataset, tmp_path, *common, name="stopped"))
+    assert resumed.checkpointer.resumed_from.name == step_name(stop)
+    assert len(first) == stop and len(first) + len(second) == len(straight) == steps
+    for i, (got, want) in enumerate(zip(first + second, straight)):
+        assert torch.equal(got, want), f"batch {i + 1} differs"
+    assert resumed.batches.epoch == 1  # the run went on into the second epoch
+    epoch = torch.cat(straight[:EPOCH_BATCHES])  # every sequence of the epoch once: no duplicates
+    assert len({tuple(row.tolist()) for row in epoch}) == len(epoch)
+    if stop < EPOCH_BATCHES:  # dropout on: the RNG streams continue too (epoch end: see the next test)
+        want = step_losses(Path(make_recipe(small_dataset, tmp_path, name="straight").run_dir))
+        got = step_losses(Path(resumed.run_dir))
+        assert [got[s] for s in range(stop + 1, steps + 1)] == [want[s] for s in range(stop + 1, steps + 1)]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the train loader draws its iterator seed from the global torch RNG at every epoch start, and a run "
+    "resumed exactly at an epoch end draws it once more; fixed by building the StreamingDataLoader with "
+    "its own generator (looptrain/data/loader.py), after which this marker goes"))
+def test_resume_at_an_epoch_end_keeps_the_dropout_stream(small_dataset, tmp_path):
+    common = ("train.micro_batch_size=16", f"train.steps={EPOCH_BATCHES + 2}")
+    run_trainer(make_recipe(small_dataset, tmp_path, *common, name="straight"))
+    run_trainer(make_recipe(small_dataset, tmp_path, *common, f"train.steps={EPOCH_BATCHES}", name="stopped"))
+    resumed = run_trainer(make_recipe(small_dataset, tmp_path, *common, name="stopped"))
+    want = step_losses(Path(make_recipe(small_dataset, tmp_path, name="straight").run_dir))
+    got = step_losses(Path(resumed.run_dir))
+    assert [got[s] for s in (EPOCH_BATCHES + 1, EPOCH_BATCHES + 2)] == [want[s] for s in (EPOCH_BATCHES + 1, EPOCH_BATCHES + 2)]
 
 
 # ---------------------------------------------------------------- validation
@@ -556,10 +648,11 @@ def test_fsdp2_killed_run_resumes_exactly(dataset, tmp_path):
     """SIGKILL a 2-rank FSDP2 run after a checkpoint; the resumed run's losses
     (dropout on, so the per-rank RNG streams matter) equal an uninterrupted run's."""
     fsdp2 = {"backend": "fsdp2"}
-    straight = Job(e2e_recipe(dataset, tmp_path, "straight", parallel=fsdp2), 2, tmp_path).wait()
+    straight = Job(e2e_recipe(dataset, tmp_path, "straight", parallel=fsdp2), 2, tmp_path)
     recipe = e2e_recipe(dataset, tmp_path, "killed", parallel=fsdp2)
-    Job(recipe, 2, tmp_path).kill_after_commit(4)
+    Job(recipe, 2, tmp_path).kill_after_commit(4)  # while the reference runs
     resumed = Job(recipe, 2, tmp_path).wait()
+    straight.wait()
     assert_continues(resumed, step_losses(straight.run_dir), exact=True)
 
 
@@ -591,3 +684,43 @@ def test_fsdp2_reshards_two_ranks_to_one_and_one_to_two(dataset, tmp_path):
     resumed = Job(from_one, 2, tmp_path).wait()
     assert resumed_step(resumed) == 8
     assert_continues(resumed, step_losses(Path(one_run.run_dir)), exact=False)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_kill_resume_and_universal_resharding(dataset, tmp_path):
+    """ZeRO-2: a SIGKILLed 2-rank run resumes exactly; its checkpoint then continues
+    in one process (through DeepSpeed's universal format), and that run's checkpoint
+    on 2 ranks again, each within 1e-5 of the run it branched from."""
+    ds = {"backend": "deepspeed", "zero_stage": 2}
+    no_dropout = {"dropout": 0.0}
+    straight = Job(e2e_recipe(dataset, tmp_path, "straight", parallel=ds, model=no_dropout), 2, tmp_path)
+    killed = e2e_recipe(dataset, tmp_path, "killed", parallel=ds, model=no_dropout)
+    Job(killed, 2, tmp_path).kill_after_commit(4)  # while the reference runs
+    resumed = Job(killed, 2, tmp_path)
+    reference = step_losses(straight.wait().run_dir)
+    assert_continues(resumed.wait(), reference, exact=True)
+
+    # 2 -> 1
+    one = e2e_recipe(dataset, tmp_path, "one", parallel=ds, model=no_dropout, train={"grad_accum": 2},
+                     checkpoint={"resume": str(straight.run_dir / "checkpoints" / step_name(8))})
+    one_job = Job(one, 1, tmp_path).wait()
+    assert "through the universal format" in one_job.output(tail=100_000)
+    assert assert_continues(one_job, reference, exact=False) == 8
+    manifest = read_manifest(one_job.run_dir / "checkpoints" / step_name(12))
+    assert manifest["world_size"] == 1 and manifest["zero_stage"] == 2
+
+    # 1 -> 2
+    two = e2e_recipe(dataset, tmp_path, "two", parallel=ds, model=no_dropout,
+                     checkpoint={"resume": str(one_job.run_dir / "checkpoints" / step_name(12))})
+    two_job = Job(two, 2, tmp_path).wait()
+    assert assert_continues(two_job, step_losses(one_job.run_dir), exact=False) == 12
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_killed_run_resumes_exactly(dataset, tmp_path):
+    ds = {"backend": "deepspeed", "zero_stage": 3}
+    straight = Job(e2e_recipe(dataset, tmp_path, "straight", parallel=ds), 2, tmp_path)
+    killed = e2e_recipe(dataset, tmp_path, "killed", parallel=ds)
+    Job(killed, 2, tmp_path).kill_after_commit(4)  # while the reference runs
+    resumed = Job(killed, 2, tmp_path).wait()
+    assert_continues(resumed, step_losses(straight.wait().run_dir), exact=True)

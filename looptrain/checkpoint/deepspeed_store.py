@@ -87,7 +87,16 @@ class DeepSpeedStore:
 
     def save(self, directory: Path, *, use_async: bool) -> None:
         # DeepSpeed saves synchronously; the caller reports that async is not used.
-        self.engine.save_checkpoint(str(directory / DS_DIR), tag=TAG, save_latest=False)
+        # The universal-checkpoint marker lets ds_to_universal convert the checkpoint
+        # later (it refuses checkpoints whose client did not declare it).
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        client_state = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        self.engine.save_checkpoint(str(directory / DS_DIR), tag=TAG, client_state=client_state, save_latest=False)
         return None
 
     def needs_conversion(self, manifest: dict) -> bool:
