@@ -96,18 +96,23 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides applied to every run")
     parser.add_argument("--cluster", default=None, metavar="PROFILE",
                         help="cluster profile YAML (default: the sweep file's `cluster:`)")
+    parser.add_argument("--nodes", type=int, default=None, help="nodes per run (default: the profile's)")
     parser.add_argument("--dry-run", action="store_true", help="print the job array and its runs; submit nothing")
     _allow_overrides_after_options(parser)
 
 
 def run_sweep(args) -> int:
+    from looptrain.launch.profile import LaunchError
     from looptrain.launch.slurm import check_world
     from looptrain.launch.sweep import dry_run_text, load_sweep, submit_sweep, sweep_profile
 
     sweep = load_sweep(args.sweep, list(args.overrides))
-    profile = sweep_profile(sweep, args.cluster)
+    profile = sweep_profile(sweep, args.cluster).with_nodes(args.nodes)
     for run in sweep.runs:
-        check_world(run.recipe, profile)
+        try:
+            check_world(run.recipe, profile)
+        except LaunchError as err:
+            raise LaunchError(f"{args.sweep}: run {run.name}: {err}") from None
     if args.dry_run:
         print(dry_run_text(sweep, profile))
         return exit_codes.OK

@@ -138,6 +138,19 @@ def check_world(recipe: Recipe, profile: ClusterProfile) -> None:
             f"{profile.nodes} node(s) x {profile.ranks_per_node} rank(s) = {world} ranks, but parallel.backend=single "
             "runs one process: add parallel.backend=fsdp2 (or deepspeed), or use --nodes 1 with one task per node"
         )
+    t = recipe.train
+    if t.global_batch_size is not None and t.global_batch_size != t.micro_batch_size * t.grad_accum * world:
+        per_rank, rest = divmod(t.global_batch_size, world)
+        if rest:
+            fix = f"pick a global batch divisible by {world} ranks"
+        elif per_rank % t.micro_batch_size == 0:
+            fix = f"set train.grad_accum={per_rank // t.micro_batch_size}"
+        else:
+            fix = f"set train.micro_batch_size={per_rank} train.grad_accum=1"
+        raise LaunchError(
+            f"train.global_batch_size={t.global_batch_size} but micro_batch_size {t.micro_batch_size} x grad_accum "
+            f"{t.grad_accum} x {world} ranks = {t.micro_batch_size * t.grad_accum * world}: {fix}"
+        )
 
 
 def now_iso() -> str:

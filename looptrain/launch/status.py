@@ -62,7 +62,8 @@ class RunStatus:
 
 
 def runs_of(directory: str | os.PathLike) -> tuple[str, list[RunRef], dict[str, Any]]:
-    """("launch" | "sweep", its runs, its record) for a directory written by launch or sweep."""
+    """("launch" | "sweep" | "sbatch", its runs, its record) for a directory written by launch, sweep,
+    or the plain sbatch script (which leaves only its attempt records)."""
     directory = Path(directory)
     sweep = records.read_json(directory / records.SWEEP_FILE)
     if sweep is not None:
@@ -79,6 +80,10 @@ def runs_of(directory: str | os.PathLike) -> tuple[str, list[RunRef], dict[str, 
             Path(launch.get("log_dir") or records.slurm_dir(directory)), launch.get("steps"),
         )
         return "launch", [run], launch
+    attempts = records.read_attempts(directory)
+    if attempts:  # a run submitted with the plain sbatch script (--emit-sbatch): no launch.json
+        run = RunRef(directory.name, directory, attempts[-1].job_id, records.slurm_dir(directory), None)
+        return "sbatch", [run], {}
     if not directory.is_dir():
         raise LaunchError(f"{directory}: no such directory")
     raise LaunchError(
