@@ -35,6 +35,7 @@ from looptrain import exit_codes
 FAILURE_GRACE_S = 5.0  # SIGTERM -> SIGKILL after a peer failed (peers are usually stuck in a collective)
 COORDINATED_GRACE_S = 300.0  # peers of a rank that halted/was preempted finish their own checkpoint
 _COORDINATED = {exit_codes.HALTED, exit_codes.PREEMPTED}
+TIMED_OUT = 124
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -68,12 +69,28 @@ class _Worker:
     reader: threading.Thread
 
 
-def _stream(rank: int, pipe, out: TextIO, lock: threading.Lock) -> None:
-    for line in iter(pipe.readline, ""):
-        with lock:
-            out.write(f"[rank {rank}] {line}" if line.endswith("\n") else f"[rank {rank}] {line}\n")
-            out.flush()
-    pipe.close()
+class _Output:
+    """Prefixed, line-atomic output of all ranks, in the order the lines arrive.
+
+    When one rank fails, its peers usually fail a moment later with a "lost
+    connection" error from the collective they were waiting in. Those lines are
+    shown too (hiding them would need a guess at which rank failed first); the
+    launcher's last line names the rank that failed first.
+    """
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.lock = threading.Lock()
+
+    def stream(self, rank: int, pipe) -> None:
+        for line in iter(pipe.readline, ""):
+            self.write(f"[rank {rank}] {line if line.endswith(chr(10)) else line + chr(10)}")
+        pipe.close()
+
+    def write(self, text: str, stream: Optional[TextIO] = None) -> None:
+        with self.lock:
+            (stream or self.out).write(text)
+            (stream or self.out).flush()
 
 
 def _status(returncode: int) -> int:
@@ -82,9 +99,8 @@ def _status(returncode: int) -> int:
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    """Signal the worker and anything it started (each worker leads its own process group)."""
-    if proc.poll() is not None:
-        return
+    """Signal the worker and anything it started (each worker leads its own process group;
+    the group outlives an exited worker while its children, e.g. data loader workers, live)."""
     try:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -117,17 +133,18 @@ def launch_workers(
     out: Optional[TextIO] = None,
     failure_grace_s: float = FAILURE_GRACE_S,
     coordinated_grace_s: float = COORDINATED_GRACE_S,
+    timeout_s: Optional[float] = None,
 ) -> int:
     """Run `command` as ranks 0..nproc-1 of one job; return the job's exit status.
 
     0 when every rank exits 0; otherwise the status of the first rank that
     exited non-zero (a signal death reads 128 + signal), after the others
-    have been stopped.
+    have been stopped. With `timeout_s`, a job still running then is stopped
+    and the status is 124 (as from coreutils `timeout`).
     """
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    out = sys.stdout if out is None else out
-    lock = threading.Lock()
+    output = _Output(sys.stdout if out is None else out)
     port = free_port()
     workers: list[_Worker] = []
     for rank in range(nproc):
@@ -141,16 +158,22 @@ def launch_workers(
             errors="replace",
             start_new_session=True,  # own process group: a stop reaches the worker's children too
         )
-        reader = threading.Thread(target=_stream, args=(rank, proc.stdout, out, lock), daemon=True)
-        reader.start()
+        reader = threading.Thread(target=output.stream, args=(rank, proc.stdout), daemon=True)
         workers.append(_Worker(rank, proc, reader))
+    for w in workers:
+        w.reader.start()
 
     forwarded = _forward_signals(workers)
     failed: Optional[_Worker] = None
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         while failed is None and any(w.proc.poll() is None for w in workers):
             failed = next((w for w in workers if w.proc.poll() not in (None, 0)), None)
             if failed is None:
+                if deadline is not None and time.monotonic() > deadline:
+                    output.write(f"looptrain: the job ran past {timeout_s:.0f} s; stopping the workers\n", sys.stderr)
+                    _stop(workers, failure_grace_s)
+                    return TIMED_OUT
                 time.sleep(0.05)
         if failed is None:  # everyone has exited: a late failure is still a failure
             failed = next((w for w in workers if w.proc.returncode != 0), None)
@@ -160,11 +183,10 @@ def launch_workers(
             if status in _COORDINATED:
                 _stop(others, failure_grace_s, wait_first_s=coordinated_grace_s)
             else:
-                if any(w.proc.poll() is None for w in others):
-                    with lock:
-                        print(f"looptrain: rank {failed.rank} exited with status {status}; "
-                              "stopping the other workers", file=sys.stderr, flush=True)
+                running = any(w.proc.poll() is None for w in others)
                 _stop(others, failure_grace_s)
+                output.write(f"looptrain: rank {failed.rank} failed with exit status {status}"
+                             f"{'; stopped the other workers' if running else ''}\n", sys.stderr)
     except KeyboardInterrupt:
         _stop(workers, failure_grace_s)
         return 130
