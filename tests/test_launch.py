@@ -316,6 +316,36 @@ def test_requeue_decision_caps_time_limits_not_preemptions(tmp_path):
                           seconds_left=100).requeue  # counts and cancels belong to one job
 
 
+def test_task_environment_comes_from_slurm_not_from_the_submitting_shell(tmp_path, monkeypatch):
+    import socket
+    import tempfile
+
+    from looptrain.launch.job import prepare_task_environment
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    for name, value in {
+        "SLURM_JOB_ID": "77", "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": "1",
+        "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NODELIST": "n1,n2",
+        "SLURMD_NODENAME": socket.gethostname().split(".")[0], "SLURM_RESTART_COUNT": "3", "SLURM_CPUS_PER_TASK": "3",
+        "RANK": "5", "WORLD_SIZE": "9", "MASTER_PORT": "1", "TMPDIR": str(tmp_path),  # exported at submission
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("OMP_NUM_THREADS", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)  # undone after the test, like everything set here
+    task = TaskInfo.from_env()
+    assert (task.job_id, task.restart, task.rank, task.node) == ("77", 3, 1, 1)
+    tmp = prepare_task_environment(task)
+    env = os.environ
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("1", "2", "0", "1")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("n1", "20077")
+    assert tmp == env["TMPDIR"] == str(tmp_path / "looptrain-77-r3") and Path(tmp).is_dir()
+    assert tempfile.gettempdir() == tmp
+    assert env["OMP_NUM_THREADS"] == "3"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "70")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    assert TaskInfo.from_env().job_id == "70_4" and TaskInfo.from_env().raw_job_id == "77"
+
+
 # ======================================================================= status
 
 

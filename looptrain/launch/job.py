@@ -42,6 +42,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -103,6 +105,8 @@ def nodes_share_one_host() -> bool:
     nodelist = os.environ.get("SLURM_JOB_NODELIST")
     if not nodelist or int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) < 2:
         return False
+    if os.environ.get("SLURMD_NODENAME") == socket.gethostname().split(".")[0]:
+        return False  # a real node named after its machine: no need to ask slurmctld
     try:
         out = subprocess.run(["scontrol", "-o", "show", "node", nodelist], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
@@ -131,10 +135,13 @@ def prepare_task_environment(task: TaskInfo) -> str:
         os.environ["LOCAL_RANK"] = os.environ["RANK"]
     # mosaicml-streaming keeps file locks in the temp dir, shared by the ranks of
     # a machine; leftovers of a killed attempt or another job must not be seen.
-    base = os.environ.get("LOOPTRAIN_BASE_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
-    os.environ["LOOPTRAIN_BASE_TMPDIR"] = base
-    tmp = os.path.join(base, f"looptrain-{task.raw_job_id}-r{task.restart}")
-    os.makedirs(tmp, exist_ok=True)
+    name = f"looptrain-{task.raw_job_id}-r{task.restart}"
+    tmp = os.path.join(os.environ.get("TMPDIR") or "/tmp", name)
+    try:
+        os.makedirs(tmp, exist_ok=True)
+    except OSError:  # a TMPDIR of the submitting machine that this node lacks
+        tmp = os.path.join("/tmp", name)
+        os.makedirs(tmp, exist_ok=True)
     os.environ["TMPDIR"] = tmp
     tempfile.tempdir = None  # forget the cached default
     if "OMP_NUM_THREADS" not in os.environ and os.environ.get("SLURM_CPUS_PER_TASK"):
@@ -242,12 +249,15 @@ class SlurmTrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict[str, Any]:
         os.chdir(self.workdir)  # relative recipe paths mean what they meant at submission
         task = TaskInfo.from_env()
-        prepare_task_environment(task)
+        tmp = prepare_task_environment(task)
         if task.rank == 0:
             records.append_attempt(self.run_dir, event="start", job_id=task.job_id, restart=task.restart)
         from looptrain.train import main_worker
 
         code = main_worker(self.recipe, force_resume=self.force_resume)
+        if code in (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED) and os.environ.get("LOCAL_RANK") == "0":
+            # Every rank has passed the trainer's final barrier: nobody needs the locks any more.
+            shutil.rmtree(tmp, ignore_errors=True)
         return self._conclude(task, code)
 
     def _conclude(self, task: TaskInfo, code: int) -> dict[str, Any]:
