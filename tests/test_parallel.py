@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import subprocess
 import sys
 import textwrap
 import time
@@ -310,6 +311,73 @@ def test_deepspeed_matches_single_process(tmp_path, deepspeed_comm_op, stage, ex
     written = json.loads((tmp_path / "runs" / "parallel-test" / "deepspeed_config.json").read_text())
     assert written["zero_optimization"]["stage"] == stage
     assert written["optimizer"]["params"]["torch_adam"] is True
+
+
+# ------------------------------------------------- end to end through the CLI
+
+E2E_OVERRIDES = [
+    "model.vocab_size=512", "model.max_seq_len=64", "model.d_model=64", "model.n_heads=4", "model.core_layers=1",
+    "train.steps=6", "train.log_every=2", "train.val_every=3", "train.val_batches=2", "train.device=cpu",
+    # the global sample order then depends only on the global batch, not on the world size
+    "data.num_canonical_nodes=1",
+]
+
+
+@pytest.fixture(scope="module")
+def bible_data(tmp_path_factory) -> str:
+    from looptrain.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data") / "bible"
+    prepare_dataset("bible", out, vocab_size=512, seq_len=64, progress=False)
+    return str(out)
+
+
+def e2e_args(data_dir: str, out_dir, *extra: str) -> list[str]:
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes/quickstart.yaml")
+    return [recipe, f"data.dir={data_dir}", f"out_dir={out_dir}", *E2E_OVERRIDES, *extra]
+
+
+def logged(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    keys = ("train/loss", "train/grad_norm", "val/loss/4")
+    return [{k: r[k] for k in ("step", *keys) if k in r} for r in rows if any(k in r for k in keys)]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory, bible_data) -> list[dict]:
+    from looptrain.config import load_recipe
+    from looptrain.train import main_worker
+
+    out = tmp_path_factory.mktemp("single")
+    recipe = load_recipe(*_split(e2e_args(bible_data, out, "name=single", "train.micro_batch_size=8")))
+    assert main_worker(recipe) == 0
+    return logged(recipe.run_dir)
+
+
+def _split(args: list[str]) -> tuple[str, list[str]]:
+    return args[0], args[1:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [["parallel.backend=fsdp2"],
+                                     ["parallel.backend=deepspeed", "parallel.zero_stage=3"]],
+                         ids=["fsdp2", "deepspeed-zero3"])
+def test_cli_nproc_2_trains_like_one_process(tmp_path, bible_data, single_process_run, deepspeed_comm_op, backend):
+    """`looptrain train --nproc 2` on real text: the same logged losses, grad norms and validation
+    losses as one process with the same global batch, and a final checkpoint."""
+    args = e2e_args(bible_data, tmp_path, "name=two", "train.micro_batch_size=4", *backend)
+    proc = subprocess.run([sys.executable, "-m", "looptrain.cli", "train", "--nproc", "2", *args],
+                          capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    got = logged(tmp_path / "two")
+    assert [r["step"] for r in got] == [r["step"] for r in single_process_run] and len(got) >= 5
+    for mine, ref in zip(got, single_process_run):
+        assert mine.keys() == ref.keys()
+        for key in mine:
+            assert mine[key] == pytest.approx(ref[key], rel=FP32_TOL), (key, mine, ref)
+    assert os.path.isdir(tmp_path / "two" / "checkpoints")
+    assert "[rank 0] step 6/6" in proc.stdout
 
 
 # ----------------------------------------------------------- local launcher

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -117,6 +118,12 @@ class DeepSpeedBackend(Backend):
     def setup(self, train_module: nn.Module) -> None:
         import deepspeed
 
+        # DeepSpeed still calls the collectives torch renamed; the warning repeats
+        # on every call of every rank and says nothing a user can act on.
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+            category=FutureWarning,
+        )
         pcfg = self.recipe.parallel
         if pcfg.activation_checkpointing != "none" or pcfg.compile:
             from looptrain.parallel.activation import apply_activation_checkpointing, apply_compile
