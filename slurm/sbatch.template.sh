@@ -58,11 +58,21 @@ record() {  # record EVENT [OUTCOME EXIT_CODE REQUEUE_KIND REASON]
     "$1" "$JOB_ID" "$RESTART" "$(date +%s.%N)" "$(hostname)" "$extra" >>"$ATTEMPTS"
 }
 
-seconds_left() {  # seconds before the job's time limit, or nothing when unknown
-  local end
-  end=$(squeue -h -j "$SLURM_JOB_ID" -o %e 2>/dev/null) || return 0
-  end=$(date -d "$end" +%s 2>/dev/null) || return 0
-  echo $((end - $(date +%s)))
+seconds_left() {  # start + time limit - now (the end time moves on preemption); nothing when unknown
+  local line start limit days=0 h=0 m=0 s=0 parts
+  line=$(squeue -h -j "$SLURM_JOB_ID" -o '%S|%l' 2>/dev/null) || return 0
+  start=$(date -d "${line%%|*}" +%s 2>/dev/null) || return 0
+  limit=${line#*|}
+  if [[ $limit == *-* ]]; then days=${limit%%-*}; limit=${limit#*-}; fi
+  IFS=: read -r -a parts <<<"$limit"
+  case ${#parts[@]} in
+    3) h=${parts[0]} m=${parts[1]} s=${parts[2]} ;;
+    2) m=${parts[0]} s=${parts[1]} ;;
+    1) m=${parts[0]} ;;
+    *) return 0 ;;
+  esac
+  [[ $days$h$m$s =~ ^[0-9]+$ ]] || return 0  # UNLIMITED, NOT_SET
+  echo $((start + ((10#$days * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s - $(date +%s)))
 }
 
 signalled=0

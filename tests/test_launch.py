@@ -224,7 +224,10 @@ def _fake_slurm(bin_dir: Path, srun_body: str) -> None:
     scripts = {
         "srun": "#!/bin/bash\n" + srun_body,
         "scontrol": '#!/bin/bash\necho "$*" >> "$FAKE_LOG"\n',
-        "squeue": '#!/bin/bash\ndate -d "@$(( $(date +%s) + FAKE_LEFT ))" +%Y-%m-%dT%H:%M:%S\n',
+        # Started 100 s ago, with a limit of FAKE_LEFT + 100 s ([D-]HH:MM:SS as squeue prints it).
+        "squeue": '#!/bin/bash\nt=$((FAKE_LEFT + 100))\n'
+                  'printf "%s|0-%02d:%02d:%02d\\n" "$(date -d @$(( $(date +%s) - 100 )) +%Y-%m-%dT%H:%M:%S)" '
+                  '$((t / 3600)) $((t % 3600 / 60)) $((t % 60))\n',
     }
     for name, body in scripts.items():
         path = bin_dir / name
@@ -291,6 +294,15 @@ exit 3
 
 
 # ==================================================================== requeue policy
+
+
+def test_slurm_time_limits_parse_to_seconds():
+    from looptrain.launch.job import parse_slurm_duration
+
+    assert parse_slurm_duration("1-02:03:04") == 93784
+    assert parse_slurm_duration("1:30:00") == 5400 and parse_slurm_duration("09:08") == 548
+    assert parse_slurm_duration("10") == 600  # plain minutes
+    assert parse_slurm_duration("UNLIMITED") is None and parse_slurm_duration("NOT_SET") is None
 
 
 def test_requeue_decision_caps_time_limits_not_preemptions(tmp_path):
@@ -426,6 +438,13 @@ def test_status_reads_states_and_progress_from_run_files(tmp_path):
     assert lines[-1] == "6 run(s): 2 failed, 1 finished, 1 halted, 2 pending"
 
 
+def test_pending_array_ranges_are_spelled_out():
+    from looptrain.launch.status import _expand_job_ids
+
+    assert _expand_job_ids("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
+    assert _expand_job_ids("12_3") == ["12_3"] and _expand_job_ids("12") == ["12"]
+
+
 def test_status_of_a_directory_without_records_says_what_it_needs(tmp_path):
     with pytest.raises(LaunchError, match="neither launch.json nor sweep.json"):
         collect_status(tmp_path)
@@ -463,8 +482,8 @@ def wait_for_steps(run_dir: Path, steps: int, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
-def launch(capsys, *args: str) -> dict:
-    assert main(["launch", QUICKSTART, "--cluster", LOCAL_PROFILE, *args]) == exit_codes.OK
+def launch(capsys, *args: str, profile: str = LOCAL_PROFILE) -> dict:
+    assert main(["launch", QUICKSTART, "--cluster", profile, *args]) == exit_codes.OK
     out = capsys.readouterr().out
     run_dir = Path(next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("run directory:")))
     return json.loads((run_dir / records.LAUNCH_FILE).read_text())
@@ -527,15 +546,20 @@ def test_two_node_fsdp2_job_trains_like_a_local_two_process_run(slurm_cluster, t
 def test_preempted_job_checkpoints_requeues_and_matches_the_uninterrupted_run(
     slurm_cluster, tiny_data, reference_run, tmp_path, capsys
 ):
+    # Both nodes' CPUs taken, so that a job of the higher-priority partition must preempt this one:
+    # Slurm sends the job's --signal (USR2), waits its grace time, then requeues it.
+    whole_nodes = {**yaml.safe_load(Path(LOCAL_PROFILE).read_text()), "cpus_per_task": slurm_cluster.cpus_per_node}
+    profile = write_yaml(tmp_path / "whole-nodes.yaml", whole_nodes)
     record = launch(capsys, *tiny(tiny_data, tmp_path, steps=REFERENCE_STEPS), "parallel.backend=fsdp2",
-                    "name=preempted", "tracking.mode=offline")
+                    "name=preempted", "tracking.mode=offline", profile=str(profile))
     run_dir, job = Path(record["run_dir"]), record["job_id"]
     wait_for_steps(run_dir, 3, timeout_s=90)
-    # The signal Slurm sends every task at --signal=USR2@N before the time limit, or on preemption.
-    slurm_cluster.run("scancel", "--signal=USR2", job)
+    urgent = slurm_cluster.run("sbatch", "--parsable", f"--partition={slurm_cluster.preempting_partition}", "-N1",
+                               "-n1", "--time=1", "--output=/dev/null", "--wrap=sleep 1").stdout.strip()
     (row,) = wait_until_done(run_dir, timeout_s=180)
     assert (row.state, row.step, row.requeues) == ("finished", REFERENCE_STEPS, 1), format_status([row])
     slurm_cluster.wait_for_job_state(job, "COMPLETED")
+    slurm_cluster.wait_for_job_state(urgent, "COMPLETED")
 
     attempts = [(a.event, a.restart, a.outcome, a.requeue_kind) for a in records.read_attempts(run_dir, job)]
     assert attempts == [("start", 0, None, None), ("end", 0, "requeued", "preemption"),

@@ -166,23 +166,45 @@ class RequeueDecision:
         return records.CANCELLED if self.cancelled else records.STOPPED
 
 
+def parse_slurm_duration(text: str) -> Optional[float]:
+    """Seconds in a Slurm time limit: [D-]HH:MM:SS, MM:SS or M; None for UNLIMITED and the like."""
+    days, _, clock = text.strip().rpartition("-")
+    parts = clock.split(":")
+    if not all(p.isdigit() for p in parts) or not 1 <= len(parts) <= 3 or (days and not days.isdigit()):
+        return None
+    if len(parts) == 1:
+        seconds = int(parts[0]) * 60  # plain minutes
+    else:
+        seconds = 0
+        for part in parts:
+            seconds = seconds * 60 + int(part)
+    return float(seconds + int(days or 0) * 86400)
+
+
 def query_job(raw_job_id: str) -> tuple[Optional[str], Optional[float]]:
-    """(state, seconds left before the time limit) of a job as slurmctld sees it; Nones when unknown."""
+    """(state, seconds left before the time limit) of a job as slurmctld sees it; Nones when unknown.
+
+    The time left is start + time limit - now. The job's end time would be
+    wrong here: on preemption Slurm moves it to the end of the grace period.
+    """
     try:
         out = subprocess.run(
-            ["squeue", "-h", "-j", raw_job_id, "-o", "%T|%e"], capture_output=True, text=True, timeout=30
+            ["squeue", "-h", "-j", raw_job_id, "-o", "%T|%S|%l"], capture_output=True, text=True, timeout=30
         )
     except (OSError, subprocess.SubprocessError):
         return None, None
     line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
-    if "|" not in line:
+    if line.count("|") != 2:
         return None, None
-    state, end = line.split("|", 1)
+    state, start, limit = (part.strip() for part in line.split("|"))
+    left = None
+    duration = parse_slurm_duration(limit)
     try:
-        left = datetime.datetime.fromisoformat(end.strip()).timestamp() - time.time()
-    except ValueError:  # "Unknown", "NONE": no time limit
+        if duration is not None:
+            left = datetime.datetime.fromisoformat(start).timestamp() + duration - time.time()
+    except ValueError:  # "N/A", "Unknown"
         left = None
-    return state.strip() or None, left
+    return state or None, left
 
 
 def decide_requeue(
