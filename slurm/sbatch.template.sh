@@ -85,7 +85,8 @@ trap 'cancelled=1' TERM
 
 record start
 srun --kill-on-bad-exit=1 --output="$LOG_DIR/%j_%t_log.out" --error="$LOG_DIR/%j_%t_log.err" \
-  bash -c 'export TMPDIR=$BASE_TMPDIR/looptrain-$SLURM_JOB_ID-r${SLURM_RESTART_COUNT:-0}; mkdir -p "$TMPDIR" && exec "$@"' \
+  bash -c 'export TMPDIR=$BASE_TMPDIR/looptrain-$SLURM_JOB_ID-r${SLURM_RESTART_COUNT:-0}
+           mkdir -p "$TMPDIR" && exec "$@"' \
   looptrain-rank @@PYTHON@@ -m looptrain.cli train @@TRAIN_ARGS@@ &
 srun_pid=$!
 # `wait` returns early when a trapped signal arrives: keep waiting until srun is gone.

@@ -69,14 +69,16 @@ def test_shipped_profiles_load():
 @pytest.mark.parametrize(
     "data, expected",
     [
-        ({"partition": "debug", "time_limit": 30}, ["unknown profile key 'time_limit'", "did you mean 'time_limit_min'"]),
+        ({"partition": "debug", "time_limit": 30},
+         ["unknown profile key 'time_limit'", "did you mean 'time_limit_min'"]),
         ({"partitoin": "debug"}, ["unknown profile key 'partitoin'", "did you mean 'partition'"]),
         ({"nodes": 2}, ["missing required key 'partition'"]),
         ({"partition": "debug", "nodes": "two"}, ["nodes: expected int, got 'two'"]),
         ({"partition": "debug", "mem_gb": "lots"}, ["mem_gb: expected float (or null)"]),
         ({"partition": "debug", "setup": "module load cuda"}, ["setup: expected a list of str"]),
         ({"partition": "gpu", "gpus_per_node": 4, "tasks_per_node": 2}, ["one rank per GPU", "tasks_per_node: 4"]),
-        ({"partition": "debug", "time_limit_min": 1, "signal_delay_s": 90}, ["signal_delay_s", "before the job starts"]),
+        ({"partition": "debug", "time_limit_min": 1, "signal_delay_s": 90},
+         ["signal_delay_s", "before the job starts"]),
         ({"partition": "debug", "mem_gb": 8, "mem_per_task_gb": 2}, ["not both"]),
         ({"partition": "debug", "sbatch_extra": {"--exclusive": True}}, ["without dashes"]),
     ],

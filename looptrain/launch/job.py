@@ -232,7 +232,8 @@ def decide_requeue(
     if timeout:
         done = records.count_requeues(records.read_attempts(run_dir, task.job_id), records.TIMEOUT)
         if done >= max_requeues:
-            return RequeueDecision(False, kind, f"time-limit requeue cap reached ({done} of max_requeues={max_requeues})")
+            why = f"time-limit requeue cap reached ({done} of max_requeues={max_requeues})"
+            return RequeueDecision(False, kind, why)
     return RequeueDecision(True, kind, "")
 
 

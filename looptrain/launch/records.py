@@ -146,7 +146,10 @@ def read_attempts(run_dir: str | os.PathLike, job_id: Optional[str] = None) -> l
 
 def count_requeues(attempts: Iterable[Attempt], kind: Optional[str] = None) -> int:
     """How many attempts ended in a requeue (of one kind when given)."""
-    return sum(1 for a in attempts if a.event == "end" and a.outcome == REQUEUED and (kind is None or a.requeue_kind == kind))
+    return sum(
+        1 for a in attempts
+        if a.event == "end" and a.outcome == REQUEUED and (kind is None or a.requeue_kind == kind)
+    )
 
 
 # -------------------------------------------------------------------- cancel

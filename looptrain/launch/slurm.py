@@ -87,7 +87,8 @@ def preview_sbatch(folder: str | os.PathLike, params: dict[str, Any], *, array_s
     from submitit.slurm.slurm import _make_sbatch_string
 
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    return _make_sbatch_string(command=command, folder=str(folder), map_count=array_size, **_executor_parameters(params))
+    params = _executor_parameters(params)
+    return _make_sbatch_string(command=command, folder=str(folder), map_count=array_size, **params)
 
 
 # ------------------------------------------------------------------- records

@@ -26,7 +26,7 @@ import itertools
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,6 +39,7 @@ from looptrain.launch.profile import ClusterProfile, LaunchError, load_profile
 SWEEP_KEYS = ("name", "base", "cluster", "out_dir", "array_parallelism", "overrides", "runs", "grid")
 RUN_KEYS = ("name", "recipe", "overrides")
 _NAME_OK = re.compile(r"[^A-Za-z0-9._+-]+")
+_SWEEP_SET = ("name=", "out_dir=", "tracking.group=", "tracking.name=")  # overrides every run gets from the sweep
 
 
 @dataclass
@@ -57,7 +58,6 @@ class Sweep:
     runs: list[SweepRun]
     array_parallelism: Optional[int]
     cluster: Optional[str]  # the profile named in the file (absolute), if any
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _unknown(key: str, valid: tuple[str, ...], where: str) -> LaunchError:
@@ -129,7 +129,7 @@ def load_sweep(path: str, cli_overrides: list[str] = (), *, workdir: Optional[st
     if cluster is not None and not isinstance(cluster, str):
         raise LaunchError(f"{path}: cluster: expected a cluster profile path, got {cluster!r}")
     parallelism = data.get("array_parallelism")
-    if parallelism is not None and (not isinstance(parallelism, int) or isinstance(parallelism, bool) or parallelism < 1):
+    if parallelism is not None and (type(parallelism) is not int or parallelism < 1):
         raise LaunchError(f"{path}: array_parallelism: expected an int >= 1, got {parallelism!r}")
     out_dir = data.get("out_dir", "runs")
     if not isinstance(out_dir, str) or not out_dir:
@@ -169,7 +169,9 @@ def load_sweep(path: str, cli_overrides: list[str] = (), *, workdir: Optional[st
         if data.get("runs") is not None and (
             not isinstance(variant_name, str) or not variant_name or _NAME_OK.search(variant_name)
         ):
-            raise LaunchError(f"{where}: name: every run needs a name of letters, digits and ._+-, got {variant_name!r}")
+            raise LaunchError(
+                f"{where}: name: every run needs a name of letters, digits and ._+-, got {variant_name!r}"
+            )
         variant_overrides = _str_list(variant.get("overrides"), f"{where}.overrides")
         for point in grid_points(grid):
             parts = ([variant_name] if variant_name else []) + [_name_part(k, v) for k, v in point]
@@ -238,7 +240,7 @@ def dry_run_text(sweep: Sweep, profile: ClusterProfile) -> str:
         "# ---- runs",
     ]
     for i, run in enumerate(sweep.runs):
-        shown = [o for o in run.overrides if not o.startswith(("name=", "out_dir=", "tracking.group=", "tracking.name="))]
+        shown = [o for o in run.overrides if not o.startswith(_SWEEP_SET)]
         lines.append(f"[{i}] {run.name}  recipe={run.recipe_path}  {' '.join(shown)}")
     return "\n".join(lines)
 
