@@ -125,3 +125,11 @@ def test_depth_sampler_modes_are_reproducible():
     assert 1 <= min(a) and max(a) <= 32 and 6 < sum(a) / len(a) < 10
     pln.load_state_dict(state)
     assert [pln.sample() for _ in range(500)] == a  # resumable
+
+
+def test_first_host_of_a_slurm_nodelist_without_scontrol():
+    from looptrain.parallel.env import first_host_of_nodelist
+
+    assert first_host_of_nodelist("n[1-2]") == "n1"
+    assert first_host_of_nodelist("gpu[03-05,9],cpu1") == "gpu03"
+    assert first_host_of_nodelist("node7,node8") == "node7"

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -223,14 +225,23 @@ def _build(
     from looptrain.data.streaming_import import import_streaming
 
     streaming = import_streaming()
-    dataset = streaming.StreamingDataset(
-        local=str((info.dir / split).resolve()),
-        batch_size=micro_batch_size,
-        shuffle=shuffle,
-        shuffle_seed=cfg.shuffle_seed,
-        num_canonical_nodes=cfg.num_canonical_nodes,
-        predownload=cfg.predownload,
-    )
+    for attempt in range(5):
+        try:
+            dataset = streaming.StreamingDataset(
+                local=str((info.dir / split).resolve()),
+                batch_size=micro_batch_size,
+                shuffle=shuffle,
+                shuffle_seed=cfg.shuffle_seed,
+                num_canonical_nodes=cfg.num_canonical_nodes,
+                predownload=cfg.predownload,
+            )
+            break
+        except FileExistsError:
+            # Two jobs on one host picked the same free shared-memory prefix at the
+            # same moment; the loser scans again and takes the next one.
+            if attempt == 4:
+                raise
+            time.sleep(0.2 + random.random())
     loader = streaming.StreamingDataLoader(
         dataset,
         batch_size=micro_batch_size,
@@ -238,6 +249,10 @@ def _build(
         num_workers=cfg.num_workers,
         drop_last=drop_last,
         persistent_workers=cfg.num_workers > 0,
+        # Its own generator: without one, every epoch start draws a seed from the
+        # global torch RNG, and a run resumed at an epoch end would shift the
+        # dropout stream of the model.
+        generator=torch.Generator().manual_seed(cfg.shuffle_seed),
     )
     return info, loader
 

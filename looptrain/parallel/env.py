@@ -30,7 +30,17 @@ def _first_slurm_host() -> str:
         )
         return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
-        return nodelist.split(",")[0].split("[")[0]
+        return first_host_of_nodelist(nodelist)
+
+
+def first_host_of_nodelist(nodelist: str) -> str:
+    """First host of a Slurm node list without scontrol: 'gpu[03-05,9],cpu1' -> 'gpu03'."""
+    head = nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    first = ranges.rstrip("]").split(",")[0].split("-")[0]
+    return prefix + first
 
 
 def export_slurm_rendezvous() -> None:
