@@ -139,15 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional(sub, name: str, module: str, add: str, run: str, help_text: str) -> None:
-    """Register a command whose arguments live next to its implementation."""
+    """Register a command whose arguments live next to its implementation
+    (those modules keep their heavy imports inside the run function)."""
     import importlib
 
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as err:
-        if err.name and (err.name == module or module.startswith(err.name + ".")):
-            return  # the component is not part of this installation
-        raise
+    mod = importlib.import_module(module)
     p = sub.add_parser(name, help=help_text)
     getattr(mod, add)(p)
     p.set_defaults(func=getattr(mod, run))
