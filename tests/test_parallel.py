@@ -253,6 +253,24 @@ def test_non_finite_gradient_skips_the_step():
     assert torch.isfinite(loss) and torch.isfinite(grad_norm)
 
 
+def test_fsdp2_only_options_are_rejected_elsewhere():
+    from looptrain.config import RecipeError
+
+    env = DistEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    for parallel, named in (({"replicate": 2}, "parallel.replicate"), ({"param_dtype": "bf16"}, "param_dtype")):
+        recipe = make_recipe({"parallel": parallel})
+        with pytest.raises(RecipeError, match=named):
+            build_backend(recipe, env).setup(LoopedLMTrainModule(torch.nn.Module(), recipe.objective))
+
+
+def test_hsdp_mesh_must_divide_the_world():
+    from looptrain.config import RecipeError
+    from looptrain.parallel.fsdp2 import build_mesh
+
+    with pytest.raises(RecipeError, match="parallel.replicate=3 does not divide the world size 4"):
+        build_mesh("cpu", 4, 3)
+
+
 # -------------------------------------------------------------------- FSDP2
 
 HALF = {"train": {"micro_batch_size": GLOBAL_BATCH // 2}}
@@ -292,6 +310,43 @@ def test_fsdp2_bf16_stays_near_fp32(tmp_path, fp32_reference):
 
 
 # ---------------------------------------------------------------- DeepSpeed
+
+
+def test_deepspeed_config_follows_the_recipe():
+    from looptrain.parallel.deepspeed_backend import deepspeed_config
+
+    recipe = make_recipe({
+        "train": {"micro_batch_size": 3, "grad_accum": 5, "precision": "bf16"},
+        "optim": {"lr": 2e-3, "betas": [0.8, 0.9], "eps": 1e-7, "weight_decay": 0.05, "clip_grad_norm": None},
+        "parallel": {"backend": "deepspeed", "zero_stage": 3,
+                     "deepspeed": {"zero_optimization": {"overlap_comm": True}, "train_batch_size": 60}},
+    })
+    config = deepspeed_config(recipe, world_size=4)
+    assert config["train_micro_batch_size_per_gpu"] == 3
+    assert config["gradient_accumulation_steps"] == 5
+    assert config["train_batch_size"] == 60
+    assert config["gradient_clipping"] == 0.0
+    assert config["bf16"] == {"enabled": True}
+    assert config["zero_optimization"] == {"stage": 3, "overlap_comm": True}  # merged, not replaced
+    assert config["optimizer"] == {"type": "AdamW", "params": {
+        "lr": 2e-3, "betas": [0.8, 0.9], "eps": 1e-7, "weight_decay": 0.05, "torch_adam": True}}
+
+
+@pytest.mark.parametrize("override, named", [
+    ({"train_micro_batch_size_per_gpu": 2}, "train.micro_batch_size"),
+    ({"zero_optimization": {"stage": 1}}, "parallel.zero_stage"),
+    ({"optimizer": {"params": {"lr": 1.0}}}, "optim.lr"),
+    ({"fp16": {"enabled": True}}, "train.precision=bf16"),
+    ({"scheduler": {"type": "WarmupLR"}}, "optim.schedule"),
+])
+def test_deepspeed_overrides_cannot_contradict_the_recipe(override, named):
+    from looptrain.config import RecipeError
+    from looptrain.parallel.deepspeed_backend import deepspeed_config
+
+    recipe = make_recipe({"parallel": {"backend": "deepspeed", "deepspeed": override}})
+    with pytest.raises(RecipeError, match=named):
+        deepspeed_config(recipe, world_size=2)
+
 
 
 @pytest.mark.slow

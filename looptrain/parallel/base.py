@@ -18,9 +18,20 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from looptrain.config.schema import Recipe
+from looptrain.config.schema import Recipe, RecipeError
 from looptrain.parallel.env import DistEnv
 from looptrain.train_module import StepOutput
+
+
+def reject_fsdp2_options(recipe: Recipe) -> None:
+    """FSDP2-only keys set for another backend would silently do nothing: say so instead."""
+    p = recipe.parallel
+    if p.replicate != 1:
+        raise RecipeError(f"parallel.replicate={p.replicate} (HSDP) needs parallel.backend=fsdp2, "
+                          f"not {p.backend}; remove it or switch the backend")
+    if p.param_dtype != "fp32" or p.reduce_dtype != "fp32":
+        raise RecipeError(f"parallel.param_dtype/reduce_dtype are FSDP2 mixed-precision settings; with "
+                          f"parallel.backend={p.backend} use train.precision=bf16")
 
 
 class Backend(abc.ABC):

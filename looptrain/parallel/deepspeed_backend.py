@@ -34,12 +34,58 @@ import torch
 from torch import Tensor, nn
 
 from looptrain.config.loader import deep_merge
-from looptrain.config.schema import Recipe
+from looptrain.config.schema import Recipe, RecipeError
 from looptrain.optim import param_groups
-from looptrain.parallel.base import Backend
+from looptrain.parallel.base import Backend, reject_fsdp2_options
 from looptrain.train_module import StepOutput
 
 CONFIG_FILE = "deepspeed_config.json"
+
+
+# DeepSpeed keys that the recipe already sets: `parallel.deepspeed` may repeat
+# them with the same value but not change them, or one recipe would mean
+# different runs under different backends.
+RECIPE_OWNED = {
+    ("train_micro_batch_size_per_gpu",): "train.micro_batch_size",
+    ("gradient_accumulation_steps",): "train.grad_accum",
+    ("train_batch_size",): "train.micro_batch_size and train.grad_accum",
+    ("gradient_clipping",): "optim.clip_grad_norm",
+    ("zero_optimization", "stage"): "parallel.zero_stage",
+    ("bf16", "enabled"): "train.precision",
+    ("optimizer", "params", "lr"): "optim.lr",
+    ("optimizer", "params", "betas"): "optim.betas",
+    ("optimizer", "params", "eps"): "optim.eps",
+    ("optimizer", "params", "weight_decay"): "optim.weight_decay",
+}
+
+
+def _lookup(config: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(config, dict) or key not in config:
+            return None
+        config = config[key]
+    return config
+
+
+def check_overrides(generated: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Reject `parallel.deepspeed` entries that would contradict the recipe, naming the recipe key to use."""
+    for path, recipe_key in RECIPE_OWNED.items():
+        value = _lookup(overrides, path)
+        if value is not None and value != _lookup(generated, path):
+            raise RecipeError(
+                f"parallel.deepspeed.{'.'.join(path)}={value!r} contradicts the recipe "
+                f"({_lookup(generated, path)!r}); set {recipe_key} instead"
+            )
+    if _lookup(overrides, ("fp16", "enabled")):
+        raise RecipeError(
+            "parallel.deepspeed.fp16: fp16 loss scaling skips steps on overflow, which looptrain treats as a "
+            "non-finite step and halts; use train.precision=bf16"
+        )
+    if "scheduler" in overrides:
+        raise RecipeError(
+            "parallel.deepspeed.scheduler: the learning rate follows optim.schedule under every backend; "
+            "remove the DeepSpeed scheduler and set optim.schedule"
+        )
 
 
 def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
@@ -65,6 +111,7 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # looptrain logs; DeepSpeed's own step log would only repeat it
         "wall_clock_breakdown": False,
     }
+    check_overrides(config, p.deepspeed)
     return deep_merge(config, p.deepspeed)
 
 
@@ -125,6 +172,7 @@ class DeepSpeedBackend(Backend):
             category=FutureWarning,
         )
         pcfg = self.recipe.parallel
+        reject_fsdp2_options(self.recipe)
         if pcfg.activation_checkpointing != "none" or pcfg.compile:
             from looptrain.parallel.activation import apply_activation_checkpointing, apply_compile
 

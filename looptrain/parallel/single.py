@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from looptrain.optim import build_adamw
 from looptrain.parallel.activation import apply_activation_checkpointing, apply_compile
-from looptrain.parallel.base import Backend
+from looptrain.parallel.base import Backend, reject_fsdp2_options
 from looptrain.train_module import StepOutput
 
 
@@ -21,6 +21,7 @@ class SingleBackend(Backend):
                 f"parallel.backend=single runs one process, but WORLD_SIZE={self.env.world_size}; "
                 "use parallel.backend=fsdp2 or deepspeed for multi-process runs"
             )
+        reject_fsdp2_options(self.recipe)
         pcfg = self.recipe.parallel
         apply_activation_checkpointing(train_module.model, pcfg.activation_checkpointing)
         if pcfg.compile:
