@@ -23,9 +23,8 @@ process is about to exit.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -91,6 +90,13 @@ def _broadcast(obj: Any) -> Any:
 
 
 class Checkpointer:
+    """Saves and resumes a trainer's complete state under `<run_dir>/checkpoints`.
+
+    The trainer calls `resume` once before training, `due(step)` after every
+    step, `save(trainer, reason)` when a checkpoint is due (and at the end, on
+    a halt, on preemption) and `wait()` before exiting.
+    """
+
     def __init__(self, recipe: Recipe, backend, env):
         self.recipe = recipe
         self.backend = backend
@@ -117,7 +123,10 @@ class Checkpointer:
         self.last_saved_step: Optional[int] = None
         self.last_save_blocking_s = 0.0  # how long the last save held up the training loop
         self._pending: Optional[_Pending] = None
-        self._committer = ThreadPoolExecutor(1, thread_name_prefix="ckpt-commit") if self.use_async else None
+        # Rank 0 commits asynchronous saves from this thread once their shards are written.
+        self._committer = (
+            ThreadPoolExecutor(1, thread_name_prefix="ckpt-commit") if self.use_async and env.is_main else None
+        )
 
     # ------------------------------------------------------------------ notes
     def _say(self, message: str) -> None:
@@ -130,8 +139,9 @@ class Checkpointer:
         mode = self.cfg.resume
         if mode == "none":
             return False
-        decision = self._decide(mode, force) if self.env.is_main else None
-        decision = _broadcast(decision)
+        # Rank 0 decides (and checksums) once; every rank then loads the same checkpoint.
+        decision = dataclasses.asdict(self._decide(mode, force)) if self.env.is_main else None
+        decision = _Decision(**_broadcast(decision))
         for note in decision.notes:
             self._say(note)
         if decision.error:

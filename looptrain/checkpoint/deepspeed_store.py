@@ -44,7 +44,7 @@ def universal_dir(ckpt_root: Path, source: Path) -> Path:
     return ckpt_root / f"{UNIVERSAL_PREFIX}{source.name}-{ident}"
 
 
-def convert_to_universal(source: Path, out: Path, *, workers: int = 1) -> None:
+def convert_to_universal(source: Path, out: Path, *, workers: int = max(1, min(8, (os.cpu_count() or 2) // 2))) -> None:
     """Run DeepSpeed's converter on source/deepspeed/state into out/state (atomically)."""
     if (out / _COMPLETE).is_file():
         return
