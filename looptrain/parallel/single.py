@@ -6,6 +6,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from looptrain.config.schema import RecipeError
 from looptrain.optim import build_adamw
 from looptrain.parallel.activation import apply_activation_checkpointing, apply_compile
 from looptrain.parallel.base import Backend, reject_fsdp2_options
@@ -17,7 +18,7 @@ class SingleBackend(Backend):
 
     def setup(self, train_module: nn.Module) -> None:
         if self.env.world_size > 1:
-            raise RuntimeError(
+            raise RecipeError(
                 f"parallel.backend=single runs one process, but WORLD_SIZE={self.env.world_size}; "
                 "use parallel.backend=fsdp2 or deepspeed for multi-process runs"
             )
