@@ -112,7 +112,8 @@ def run_steps(recipe, env: DistEnv, nan_step: int | None = None, crash: tuple[in
         for micro, rows in enumerate(share.chunk(accum)):
             tokens, targets = split_batch(rows)
             out = backend.forward_backward(
-                tokens.to(env.device), targets.to(env.device), depth=recipe.model.loops, backprop_loops=None,
+                tokens.to(env.device), targets.to(env.device), depth=recipe.model.loops,
+                backprop_loops=recipe.objective.backprop_loops,
                 measure_all_exits=False, last_micro_step=micro == accum - 1,
             )
             step_loss += out.loss.detach().double().cpu() / accum
@@ -280,6 +281,14 @@ HALF = {"train": {"micro_batch_size": GLOBAL_BATCH // 2}}
 def test_fsdp2_matches_single_process(tmp_path, fp32_reference):
     got = run_ranks(tmp_path, deep_merge(HALF, {"parallel": {"backend": "fsdp2"}}))
     assert_close(got, fp32_reference, FP32_TOL)
+
+
+@pytest.mark.slow
+def test_fsdp2_truncated_backprop(tmp_path):
+    """The first loops run without grad: looped blocks then get no post-backward hook for those calls."""
+    truncated = {"objective": {"backprop_loops": 1}}
+    got = run_ranks(tmp_path, deep_merge(truncated, deep_merge(HALF, {"parallel": {"backend": "fsdp2"}})))
+    assert_close(got, reference(truncated), FP32_TOL)
 
 
 @pytest.mark.slow
