@@ -241,7 +241,8 @@ class Checkpointer:
             notes.append(compat.note())
         if int(manifest.get("world_size", self.env.world_size)) != self.env.world_size:
             notes.append(
-                f"saved at world size {manifest.get('world_size')}, resuming at {self.env.world_size}: the state is resharded"
+                f"saved at world size {manifest.get('world_size')}, resuming at {self.env.world_size}: "
+                "the state is resharded"
             )
         return notes
 
@@ -402,15 +403,14 @@ class RestoreRngAtFirstBatch:
     after the first batch of the resumed run is drawn.
 
     The streams were captured after the last step before the save; the next
-    thing that uses them in an uninterrupted run is that step's forward
-    (dropout, noise states). A resumed process, however, does more between
-    loading the checkpoint and its first forward: measuring the device's peak
-    FLOPs draws random matrices, and creating the first data-loader iterator
-    draws a base seed from the global generator. Restoring at the first batch,
-    just before the first forward, makes all of that invisible. (If a resume
-    falls exactly on an epoch boundary, the uninterrupted run draws that seed
-    there too; a loader built with its own `generator` draws nothing at all.)
-    Everything else is delegated to the wrapped stream.
+    thing that uses them in an uninterrupted run is the next step's forward
+    (dropout, noise states). A resumed process does more between loading the
+    checkpoint and its first forward -- it measures the CPU's peak FLOPs with
+    random matrices, for one -- and whatever it is, restoring at the first
+    batch, just before the first forward, makes it invisible. (This relies on
+    fetching a batch drawing nothing from the global generators, which holds
+    because the train loader has a generator of its own.) Everything else is
+    delegated to the wrapped stream.
     """
 
     def __init__(self, batches, rng_state: dict[str, Any]):

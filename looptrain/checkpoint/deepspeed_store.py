@@ -44,7 +44,7 @@ def universal_dir(ckpt_root: Path, source: Path) -> Path:
     return ckpt_root / f"{UNIVERSAL_PREFIX}{source.name}-{ident}"
 
 
-def convert_to_universal(source: Path, out: Path, *, workers: int = max(1, min(8, (os.cpu_count() or 2) // 2))) -> None:
+def convert_to_universal(source: Path, out: Path, *, workers: int = max(1, min(8, (os.cpu_count() or 2) // 2))):
     """Run DeepSpeed's converter on source/deepspeed/state into out/state (atomically)."""
     if (out / _COMPLETE).is_file():
         return
@@ -95,7 +95,8 @@ class DeepSpeedStore:
             UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         )
 
-        client_state = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        version = {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        client_state = {UNIVERSAL_CHECKPOINT_INFO: version}
         self.engine.save_checkpoint(str(directory / DS_DIR), tag=TAG, client_state=client_state, save_latest=False)
         return None
 
@@ -126,8 +127,9 @@ class DeepSpeedStore:
             raise CheckpointError(error)
         self._load(out, universal=True, where=directory)
         return (
-            f"DeepSpeed checkpoint saved at world size {manifest.get('world_size')} / ZeRO-{manifest.get('zero_stage')} "
-            f"loaded at world size {self.env.world_size} / ZeRO-{self.zero_stage} through the universal format ({out})"
+            f"DeepSpeed checkpoint saved at world size {manifest.get('world_size')} / "
+            f"ZeRO-{manifest.get('zero_stage')} loaded at world size {self.env.world_size} / "
+            f"ZeRO-{self.zero_stage} through the universal format ({out})"
         )
 
     def _load(self, load_dir: Path, *, universal: bool, where: Path) -> None:
@@ -147,4 +149,6 @@ class DeepSpeedStore:
         finally:
             config.load_universal_checkpoint = previous
         if path is None:
-            raise CheckpointError(f"{load_dir}: DeepSpeed found no checkpoint with tag {TAG!r}; the checkpoint is incomplete")
+            raise CheckpointError(
+                f"{load_dir}: DeepSpeed found no checkpoint with tag {TAG!r}; the checkpoint is incomplete"
+            )

@@ -96,7 +96,9 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable ({err}); the checkpoint is damaged, resume from another one") from None
+        raise CheckpointError(
+            f"{path}: unreadable ({err}); the checkpoint is damaged, resume from another one"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise CheckpointError(f"{path}: not a looptrain checkpoint manifest (format {manifest.get('format')!r})")
     if manifest.get("version") != MANIFEST_VERSION:

@@ -73,7 +73,8 @@ def _recipe_lines(saved: dict, current: Any, path: Path) -> list[str]:
 
 
 def _norm_lines(metrics: dict[str, float], step: int) -> list[str]:
-    loops = sorted({int(k.rsplit("/", 1)[1]) for k in metrics if k.startswith("norm/") and k.rsplit("/", 1)[1].isdigit()})
+    suffixes = (k.rsplit("/", 1)[1] for k in metrics if k.startswith("norm/"))
+    loops = sorted({int(s) for s in suffixes if s.isdigit()})
     if not loops:
         return ["per-loop norms at save: none recorded"]
     cols = [("rms", "norm/rms/"), ("mean", "norm/mean/"), ("p99", "norm/p99/"), ("max", "norm/max/"),
@@ -130,7 +131,8 @@ def inspect_checkpoint(path: str | Path, current_recipe: Any = None) -> str:
         items = sorted(groups[group])
         if len(items) > 8:
             size = sum(b for _, b in items)
-            lines.append(f"  {group + '/':<44}{_size(size):>12}  ({len(items)} files, largest {_size(max(b for _, b in items))})")
+            largest = _size(max(b for _, b in items))
+            lines.append(f"  {group + '/':<44}{_size(size):>12}  ({len(items)} files, largest {largest})")
         else:
             lines.extend(f"  {rel:<44}{_size(b):>12}" for rel, b in items)
     lines.append("")
@@ -231,7 +233,8 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a checkpoint directory, or a run / checkpoints directory (its latest)")
-    parser.add_argument("recipe", nargs="?", default=None, help="a recipe to diff against (the one you would resume with)")
+    parser.add_argument("recipe", nargs="?", default=None,
+                        help="a recipe to diff against (the one you would resume with)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for that recipe")
 
 
@@ -260,7 +263,8 @@ def run_export(args) -> int:
 
     out = Path(args.out)
     if not args.overwrite and ((out / WEIGHTS_FILE).exists() or (out / CONFIG_FILE).exists()):
-        print(f"looptrain: error: {out}: already holds an export; pass --overwrite or choose another OUT", file=sys.stderr)
+        print(f"looptrain: error: {out}: already holds an export; pass --overwrite or choose another OUT",
+              file=sys.stderr)
         return exit_codes.BAD_INPUT
     try:
         export_checkpoint(args.checkpoint, out)
