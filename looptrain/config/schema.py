@@ -192,6 +192,9 @@ class ParallelConfig:
     param_dtype: Literal["fp32", "bf16"] = "fp32"  # fsdp2 mixed precision compute dtype
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
+    # fsdp2: re-gather looped blocks at every call (saves memory) instead of keeping
+    # them gathered from first use to the end of the step (one all-gather per step).
+    reshard_looped_blocks: bool = False
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged into the generated DS config
     timeout_minutes: int = 30
