@@ -103,12 +103,13 @@ def test_quick_grid_writes_report_and_plots(tmp_path):
 
     readme = (out / "README.md").read_text()
     for section in ("## Regenerate", "## Setup", "## Results", "### Final hidden-state scale",
-                    "### Validation perplexity by inference depth", "### Early exit", "### Every run",
-                    "## Agreement with the paper", "**Claim 1:", "**Claim 2:", "## Figures", "## Caveats"):
+                    "### Training cross-entropy", "### Validation perplexity by inference depth", "### Early exit",
+                    "### Every run", "## Agreement with the paper", "**Claim 1:", "**Claim 2:", "## Figures",
+                    "## Caveats"):
         assert section in readme, section
     assert f"python tools/repro_report.py --quick --out {out}" in readme
     for label in ("per-loop + RMSNorm (blind spot)", "per-loop + raw"):
-        assert readme.count(f"| {label} |") == 3  # scale, perplexity and early-exit tables
+        assert readme.count(f"| {label} |") == 4  # scale, training CE, perplexity and early-exit tables
     assert "| k=1 | k=2* | k=3 | k=4 |" in readme  # depths 1..2K with K=2 marked
     assert "Halted by the monitor: none. Failed: none." in readme
 

@@ -115,7 +115,10 @@ class Scale:
     seq_len: int = 64
     vocab_size: int = 2048
     micro_batch_size: int = 16
-    steps: int = 1200
+    # Measured: 800-step runs used 118-131 CPU-seconds (terminal loss) and 186-191 (per-loop loss: four
+    # exits' cross-entropy), start-up included; the 14-run grid 41 CPU-minutes. 1300 steps: ~34 minutes on
+    # two idle cores, two runs at a time.
+    steps: int = 1300
     lr: float = 1e-3
     dropout: float = 0.0
     precision: str = "fp32"
@@ -203,10 +206,12 @@ class RunOutcome:
     exit_code: int
     wall_s: float
     cpu_s: Optional[float] = None  # user + system CPU time of the training process
+    ended: Optional[float] = None  # epoch seconds when the training process ended
+    circumstances: dict[str, Any] = field(default_factory=dict)  # parallel runs, threads, load averages
     reused: bool = False
     eval: Optional[dict] = None
     eval_error: Optional[str] = None
-    curve: dict[str, list[float]] = field(default_factory=dict)  # step, final-loop mean norm
+    curve: dict[str, list[float]] = field(default_factory=dict)  # step, final-loop mean norm, exit-K train CE
 
     @property
     def status(self) -> str:
@@ -250,7 +255,7 @@ def read_marker(job: Job) -> Optional[dict]:
     return marker
 
 
-def start_job(job: Job, threads: int) -> tuple[subprocess.Popen, Any, float]:
+def start_job(job: Job, threads: int) -> tuple[subprocess.Popen, Any, float, float]:
     """Start a fresh training process for `job`, logging to RUN_DIR.log."""
     if os.path.isdir(job.run_dir):
         shutil.rmtree(job.run_dir)  # a stale or interrupted run: start it over
@@ -266,16 +271,20 @@ def start_job(job: Job, threads: int) -> tuple[subprocess.Popen, Any, float]:
     log.write("$ " + shlex.join(job.command()) + "\n")
     log.flush()
     proc = subprocess.Popen(job.command(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    return proc, log, time.time()
+    return proc, log, time.time(), os.getloadavg()[0]
 
 
-def finish_job(job: Job, code: int, wall: float, cpu: Optional[float] = None) -> RunOutcome:
+def finish_job(job: Job, code: int, wall: float, cpu: Optional[float] = None,
+               circumstances: Optional[dict[str, Any]] = None) -> RunOutcome:
+    """Write the run's marker (what was trained, how it ended, under which conditions) and return its outcome."""
     os.makedirs(job.run_dir, exist_ok=True)
+    ended = time.time()
+    circumstances = dict(circumstances or {}, load_end=os.getloadavg()[0])
     marker = {"recipe": job.condition.recipe, "overrides": job.overrides(), "exit_code": code, "wall_s": wall,
-              "cpu_s": cpu}
+              "cpu_s": cpu, "ended": ended, "circumstances": circumstances}
     with open(os.path.join(job.run_dir, MARKER), "w") as f:
         json.dump(marker, f, indent=1)
-    return RunOutcome(job.name, job.condition.key, job.seed, job.run_dir, code, wall, cpu)
+    return RunOutcome(job.name, job.condition.key, job.seed, job.run_dir, code, wall, cpu, ended, circumstances)
 
 
 def reap(proc: subprocess.Popen) -> Optional[tuple[int, float]]:
@@ -299,11 +308,13 @@ def train_all(jobs: Sequence[Job], parallel: int, threads: int) -> list[RunOutco
         marker = read_marker(job)
         if marker is not None and marker["exit_code"] in (OK, HALTED):
             print(f"repro_report: reusing {job.run_dir} (status {marker['exit_code']})", flush=True)
+            ended = marker.get("ended") or os.path.getmtime(os.path.join(job.run_dir, MARKER))
             outcomes[job.name] = RunOutcome(job.name, job.condition.key, job.seed, job.run_dir,
-                                            marker["exit_code"], marker["wall_s"], marker.get("cpu_s"), reused=True)
+                                            marker["exit_code"], marker["wall_s"], marker.get("cpu_s"), ended,
+                                            marker.get("circumstances") or {}, reused=True)
         else:
             pending.append(job)
-    running: list[tuple[Job, subprocess.Popen, Any, float]] = []
+    running: list[tuple[Job, subprocess.Popen, Any, float, float]] = []
     total = len(pending)
     try:
         while pending or running:
@@ -314,17 +325,18 @@ def train_all(jobs: Sequence[Job], parallel: int, threads: int) -> list[RunOutco
                 running.append((job, *start_job(job, threads)))
             time.sleep(0.5)
             for item in list(running):
-                job, proc, log, start = item
+                job, proc, log, start, load_start = item
                 ended = reap(proc)
                 if ended is None:
                     continue
                 log.close()
                 running.remove(item)
-                outcome = finish_job(job, ended[0], time.time() - start, ended[1])
+                outcome = finish_job(job, ended[0], time.time() - start, ended[1],
+                                     {"parallel": parallel, "threads": threads, "load_start": load_start})
                 outcomes[job.name] = outcome
                 print(f"repro_report: {job.name} ended: {outcome.status} after {outcome.wall_s:.0f} s", flush=True)
     finally:
-        for _, proc, log, _ in running:  # interrupted: stop our own children
+        for _, proc, log, _, _ in running:  # interrupted: stop our own children
             proc.terminate()
             proc.wait()
             log.close()
@@ -359,9 +371,26 @@ def evaluate_all(outcomes: Sequence[RunOutcome], data_dir: str, scale: Scale, th
             records = read_metrics(outcome.run_dir)
         except FileNotFoundError:
             records = []
-        key = f"norm/mean/{scale.loops}"
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        outcome.curve = {"step": [p[0] for p in points], "norm": [p[1] for p in points]}
+        norm_key, ce_key = f"norm/mean/{scale.loops}", f"train/loss_exit/{scale.loops}"
+        points = [(r["step"], r[norm_key], r.get(ce_key)) for r in records
+                  if isinstance(r.get(norm_key), (int, float))]
+        outcome.curve = {"step": [p[0] for p in points], "norm": [p[1] for p in points],
+                         "ce": [p[2] for p in points]}
+
+
+def training_ce(curve: dict[str, list]) -> Optional[tuple[float, float, float]]:
+    """(first logged exit-K training CE, last one, its fall over the last quarter of the logged steps), or None.
+
+    Says whether a run was still improving when it stopped: a condition that
+    trails but falls faster might catch up with more steps.
+    """
+    steps, ce = curve.get("step") or [], curve.get("ce") or []
+    pts = [(st, v) for st, v in zip(steps, ce) if isinstance(v, (int, float)) and math.isfinite(v)]
+    if len(pts) < 2:
+        return None
+    last_step, last = pts[-1]
+    start = next(v for st, v in pts if st >= 0.75 * last_step)
+    return pts[0][1], last, start - last
 
 
 # ------------------------------------------------------------------ numbers
@@ -424,6 +453,9 @@ class ConditionSummary:
     deep_norm: Optional[Spread]  # mean token L2 norm after loop 2K
     ppl: dict[int, Optional[Spread]]  # depth -> validation perplexity
     saved: dict[str, Optional[Spread]]  # exit policy -> fraction of loops saved at 1 % tolerance
+    train_ce_first: Optional[Spread] = None  # exit-K training CE at the first log
+    train_ce: Optional[Spread] = None  # exit-K training CE at the last log
+    train_ce_drop: Optional[Spread] = None  # its fall over the last quarter of training
 
     @property
     def evaluated(self) -> list[dict]:
@@ -432,6 +464,7 @@ class ConditionSummary:
 
 def summarise(condition: Condition, runs: list[RunOutcome], loops: int) -> ConditionSummary:
     results = [r.eval for r in runs if r.eval is not None]
+    drops = [d for d in (training_ce(r.curve) for r in runs) if d is not None]
     policies = sorted({p for r in results for p in r["exits"]["policies"]}, key=_policy_order)
     return ConditionSummary(
         condition=condition,
@@ -442,6 +475,9 @@ def summarise(condition: Condition, runs: list[RunOutcome], loops: int) -> Condi
         ppl={k: Spread.of([ppl_at(r, k) for r in results]) for k in range(1, 2 * loops + 1)},
         saved={p: Spread.of([r["exits"]["policies"][p]["saved_fraction"] for r in results
                              if p in r["exits"]["policies"]]) for p in policies},
+        train_ce_first=Spread.of([d[0] for d in drops]),
+        train_ce=Spread.of([d[1] for d in drops]),
+        train_ce_drop=Spread.of([d[2] for d in drops]),
     )
 
 
@@ -494,6 +530,9 @@ def scale_verdict(summaries: dict[str, ConditionSummary], loops: int, d_model: i
         f"scale-controlled conditions: final-loop L2 norms {_fmt(min(lows))} to {_fmt(max(highs))}; "
         f"blind spot: {blind.final_norm.text()}"
     )
+    trend = norm_trajectory(blind.runs)
+    if trend:
+        evidence.append(trend)
     terminal = summaries.get("terminal_rmsnorm")
     if terminal is not None and terminal.final_norm is not None:
         evidence.append(f"for reference, {terminal.condition.label} (scale-invariant readout, last exit only): "
@@ -533,6 +572,7 @@ def ppl_verdict(summaries: dict[str, ConditionSummary], loops: int) -> Verdict:
             f"{s.condition.label} {_fmt(s.ppl[loops].mean)} vs {b.condition.label} {_fmt(b.ppl[loops].mean)} "
             f"at depth {loops}: {side}"
             f" (lower at {per_depth.count('lower')} of depths 1..{loops}, higher at {per_depth.count('higher')})"
+            + _trend(s, b)
         )
     if not sides:
         return Verdict(claim, "not run", ["needs a scale-controlled condition and its baseline"])
@@ -549,6 +589,28 @@ def ppl_verdict(summaries: dict[str, ConditionSummary], loops: int) -> Verdict:
     return Verdict(claim, outcome, evidence)
 
 
+def norm_trajectory(runs: Sequence[RunOutcome]) -> str:
+    """Where the final-loop training norm peaked and where it ended (mean over runs): still growing or not."""
+    curves = [r.curve for r in runs if len(r.curve.get("norm") or []) >= 2]
+    if not curves:
+        return ""
+    peaks = [max(range(len(c["norm"])), key=lambda i: c["norm"][i]) for c in curves]
+    peak = sum(c["norm"][i] for c, i in zip(curves, peaks)) / len(curves)
+    peak_step = sum(c["step"][i] for c, i in zip(curves, peaks)) / len(curves)
+    last = sum(c["norm"][-1] for c in curves) / len(curves)
+    quarter = [next(v for st, v in zip(c["step"], c["norm"]) if st >= 0.75 * c["step"][-1]) for c in curves]
+    direction = "still growing" if last > sum(quarter) / len(quarter) else "not growing"
+    return (f"during training the blind-spot runs' final-loop norm (training batches) peaked at {_fmt(peak)} "
+            f"around step {peak_step:.0f} and ended at {_fmt(last)}, {direction} over the last quarter of training")
+
+
+def _trend(s: ConditionSummary, b: ConditionSummary) -> str:
+    if s.train_ce_drop is None or b.train_ce_drop is None:
+        return ""
+    return (f"; training CE at exit K fell {s.train_ce_drop.mean:.3g} nats over the last quarter of training "
+            f"vs {b.train_ce_drop.mean:.3g} for the baseline")
+
+
 def extrapolation_notes(summaries: Sequence[ConditionSummary], loops: int) -> list[str]:
     """How each condition behaves when run past its trained depth: ppl and norm at 2K relative to K."""
     notes = []
@@ -557,9 +619,11 @@ def extrapolation_notes(summaries: Sequence[ConditionSummary], loops: int) -> li
         if at_k is None or at_2k is None or s.final_norm is None or s.deep_norm is None:
             continue
         change = at_2k.mean / at_k.mean - 1
+        at_1 = s.ppl.get(1)
         notes.append(
-            f"{s.condition.label}: perplexity {_fmt(at_k.mean)} at k={loops} -> {_fmt(at_2k.mean)} at k={2 * loops} "
-            f"({100 * change:+.1f}%), norm x{s.deep_norm.mean / s.final_norm.mean:.2f}"
+            f"{s.condition.label}: perplexity {_fmt(at_1.mean) if at_1 else '-'} at k=1, {_fmt(at_k.mean)} at "
+            f"k={loops}, {_fmt(at_2k.mean)} at k={2 * loops} ({100 * change:+.1f}% past K); "
+            f"norm x{s.deep_norm.mean / s.final_norm.mean:.2f} from k={loops} to k={2 * loops}"
         )
     return notes
 
@@ -638,7 +702,8 @@ def plot_norms(summaries: Sequence[ConditionSummary], loops: int, path: str) -> 
     ax.set_xlabel("loop k (dotted: trained depth K)")
     ax.set_ylabel("mean token L2 norm ||h_k|| (validation)")
     ax.set_title("hidden-state norm per loop (mean over seeds, band: min-max)")
-    ax.legend(fontsize="small")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=4,
+               fontsize="small")
     ax2.set_xlabel("training step")
     ax2.set_ylabel(f"mean ||h_{loops}|| (training batches)")
     ax2.set_title("final-loop norm during training")
@@ -647,23 +712,34 @@ def plot_norms(summaries: Sequence[ConditionSummary], loops: int, path: str) -> 
 
 
 def plot_ppl(summaries: Sequence[ConditionSummary], loops: int, path: str) -> str:
-    """Validation perplexity at inference depths 1..2K, one line per condition."""
-    fig, (ax,) = _figure(7.0, 4.4)
+    """Validation perplexity at inference depths 1..2K, one line per condition.
+
+    Left: the whole range (log scale when it is wide: a terminal-loss model's
+    untrained early exits can be off by orders of magnitude). Right: the same
+    curves zoomed on the best perplexities, where the conditions differ.
+    """
+    fig, (ax, zoom) = _figure(12.0, 4.4, 1, 2)
+    depths = list(range(1, 2 * loops + 1))
     values = []
     for s, color in zip(summaries, _colors(len(summaries))):
-        depths = list(range(1, 2 * loops + 1))
-        _band(ax, depths, [s.ppl.get(k) for k in depths], color, s.condition.label)
+        for a in (ax, zoom):
+            _band(a, depths, [s.ppl.get(k) for k in depths], color, s.condition.label)
         values += [s.ppl[k].mean for k in depths if s.ppl.get(k) is not None]
-    ax.axvline(loops, color="gray", linestyle=":", linewidth=1)
-    _integer_ticks(ax)
     good = [v for v in values if math.isfinite(v) and v > 0]
     if good and max(good) / min(good) > 4:
         ax.set_yscale("log")
-    ax.set_xlabel("inference depth (loops; dotted: trained depth K)")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title("perplexity vs inference depth (mean over seeds, band: min-max)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
+    if good:
+        zoom.set_ylim(0.95 * min(good), 2.0 * min(good))
+    for a, title in ((ax, "perplexity vs inference depth (mean over seeds, band: min-max)"),
+                     (zoom, "zoom: up to 2x the best perplexity")):
+        a.axvline(loops, color="gray", linestyle=":", linewidth=1)
+        _integer_ticks(a)
+        a.set_xlabel("inference depth (loops; dotted: trained depth K)")
+        a.set_ylabel("validation perplexity")
+        a.set_title(title)
+        a.grid(True, alpha=0.3)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=4,
+               fontsize="small")
     fig.savefig(path, dpi=PLOT_DPI)
     return path
 
@@ -687,7 +763,8 @@ def plot_pareto(summaries: Sequence[ConditionSummary], path: str) -> str:
                     color=color, label=policy)
             ax.plot([p["pick"]["mean_loops"]], [p["pick"]["ppl"]], marker="*", markersize=9, color=color)
         ax.axhline(e["full_ppl"] * (1 + e["tolerance"]), color="gray", linestyle=":", linewidth=1)
-        ax.set_ylim(e["full_ppl"] * 0.97, e["full_ppl"] * 1.5)
+        lowest = min([e["full_ppl"]] + [q["ppl"] for p in e["policies"].values() for q in p["curve"]])
+        ax.set_ylim(lowest * 0.97, e["full_ppl"] * 1.5)
         ax.set_title(f"{s.condition.label}\n({result['name']})", fontsize="small")
         ax.set_xlabel("mean loops used")
         ax.set_ylabel("perplexity")
@@ -721,6 +798,7 @@ class ReportContext:
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
     quick: bool
+    note: Optional[str] = None
 
 
 def render_report(ctx: ReportContext, summaries: list[ConditionSummary], verdicts: list[Verdict],
@@ -775,12 +853,13 @@ def render_report(ctx: ReportContext, summaries: list[ConditionSummary], verdict
         f"exits 1..K) are swept per policy and the cheapest threshold within {100 * TOLERANCE:.0f}% of "
         "full-depth perplexity is picked on the same batches (optimistic).",
         "",
-        f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared with other "
-        f"work: load average {ctx.load_before[0]:.1f} at the start, {ctx.load_after[0]:.1f} at the end. "
-        f"{ctx.jobs} run(s) at a time, {ctx.threads} thread(s) each. Total wall time "
-        f"{(ctx.finished - ctx.started) / 60:.1f} min (training runs reused from an earlier invocation count "
-        "only their evaluation here; their own times are in *Every run*)." + _cpu_note(runs, ctx.jobs),
+        f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}). "
+        + _training_note(runs)
+        + f" This invocation: {ctx.jobs} run(s) at a time, {ctx.threads} thread(s) each, "
+        f"{(ctx.finished - ctx.started) / 60:.1f} min (reused runs count only their evaluation), load average "
+        f"{ctx.load_before[0]:.1f} at its start and {ctx.load_after[0]:.1f} at its end.",
         "",
+        *([f"Note: {ctx.note}", ""] if ctx.note else []),
         "## Results", "",
         f"Cells: mean over seeds [min, max]; {len(ctx.seeds)} seed(s) per condition (seeds {ctx.seeds}).", "",
         f"### Final hidden-state scale (after loop K={K}, validation)", "",
@@ -792,7 +871,15 @@ def render_report(ctx: ReportContext, summaries: list[ConditionSummary], verdict
         rows.append([s.condition.label, _cell(s.final_norm), _cell(s.final_rms), _cell(s.deep_norm),
                      f"{halted}/{len(s.runs)}" + (f", {failed} without results" if failed else "")])
     lines += _table([
-        "condition", f"L2 norm ‖h_{K}‖", f"RMS of h_{K}", f"L2 norm ‖h_{2 * K}‖ (extrapolated)", "halted"], rows)
+        "condition", f"L2 norm ‖h_{K}‖", f"RMS of h_{K}", f"L2 norm ‖h_{2 * K}‖ (run past K)", "halted"], rows)
+    lines += ["", f"### Training cross-entropy at exit K={K}", "",
+              f"Window means over training batches: at the first log (step {sc.log_every}), at the end, and how "
+              "much it fell over the last quarter of training. Conditions start from different losses, and a "
+              "condition that trails but still falls faster might catch up with more steps.", ""]
+    rows = [[s.condition.label, _cell(s.train_ce_first), _cell(s.train_ce), _cell(s.train_ce_drop)]
+            for s in summaries]
+    lines += _table(["condition", f"step {sc.log_every} (nats)", f"step {sc.steps} (nats)",
+                     "fall over the last quarter (nats)"], rows)
     lines += ["", "### Validation perplexity by inference depth", "",
               f"Depths 1..{K} are trained exits; {K + 1}..{2 * K} run the shared core further than trained.", ""]
     rows = [[s.condition.label, *[_cell(s.ppl.get(k)) for k in range(1, 2 * K + 1)]] for s in summaries]
@@ -800,7 +887,7 @@ def render_report(ctx: ReportContext, summaries: list[ConditionSummary], verdict
     lines += ["", f"`*`: the trained depth K={K}.", "",
               f"### Early exit: share of the {K} loops saved at {100 * TOLERANCE:.0f}% tolerance", ""]
     policies = sorted({p for s in summaries for p in s.saved}, key=_policy_order)
-    rows = [[s.condition.label, *[_cell(_percent(s.saved.get(p)), 3) for p in policies]] for s in summaries]
+    rows = [[s.condition.label, *[_percent_cell(s.saved.get(p)) for p in policies]] for s in summaries]
     lines += _table(["condition", *[f"{p} (%)" for p in policies]], rows)
     lines += [
         "", "`fixed` exits every token at the same loop; the others per token on the top-1 probability (`max_prob`), "
@@ -830,8 +917,8 @@ def render_report(ctx: ReportContext, summaries: list[ConditionSummary], verdict
         lines += [""]
     notes = extrapolation_notes(summaries, K)
     if notes:
-        lines += [f"**Beyond the trained depth** (an observation, not one of the two claims): running the core "
-                  f"{K} more loops than trained changes perplexity and the final norm as follows.", ""]
+        lines += [f"**Depth** (an observation, not one of the two claims): perplexity with one loop, at the "
+                  f"trained depth and after {K} loops more than trained, and the norm growth past K.", ""]
         lines += [f"- {note}" for note in notes] + [""]
     lines += ["## Figures", ""]
     captions = {
@@ -849,7 +936,12 @@ def render_report(ctx: ReportContext, summaries: list[ConditionSummary], verdict
         "- One corpus (the KJV Bible, ~1M tokens) instead of WikiText-103; no dropout; fp32 instead of bf16; "
         "a larger lr for the short run.",
         f"- {len(ctx.seeds)} seed(s): the ranges above are the spread of so few runs, not confidence intervals.",
-        "- Early-exit thresholds are picked on the batches they are reported on.",
+        "- Early-exit thresholds are picked on the batches they are reported on; a model whose first exit is "
+        "already as good as its last saves loops under every policy without any exit being clever.",
+        "- Short runs: the conditions start from different losses (training table: the paper's initialisers, tied "
+        "N(0, 1) embeddings, make the first logits large, the more so through a raw readout) and some still fell "
+        "faster than others when they stopped, so a perplexity ordering after a few hundred steps need not hold "
+        "after 25k.",
         "",
         "Raw numbers of every run: `results.json` next to this file.",
         "",
@@ -857,14 +949,27 @@ def render_report(ctx: ReportContext, summaries: list[ConditionSummary], verdict
     return "\n".join(lines)
 
 
-def _cpu_note(runs: Sequence[RunOutcome], jobs: int) -> str:
-    measured = [r.cpu_s for r in runs if r.cpu_s is not None]
-    if not measured:
+def _training_note(runs: Sequence[RunOutcome]) -> str:
+    """When the runs trained, how long it took, what they cost in CPU time and how busy the machine was."""
+    timed = [r for r in runs if r.ended is not None]
+    if not timed:
         return ""
-    total = sum(measured)
-    return (f" Training used {total / 60:.1f} CPU-minutes over {len(measured)} run(s) "
-            f"({total / len(measured) / 60:.1f} per run): about {total / 60 / max(1, jobs):.1f} minutes of wall time "
-            f"on {jobs} idle core(s).")
+    first = min(r.ended - r.wall_s for r in timed)
+    last = max(r.ended for r in timed)
+    clock = lambda t: time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))  # noqa: E731
+    text = (f"The {len(timed)} training run(s) ran from {clock(first)} to {clock(last)} UTC "
+            f"({(last - first) / 60:.0f} min wall in all; per run in *Every run*).")
+    measured = [r.cpu_s for r in runs if r.cpu_s is not None]
+    if measured:
+        text += (f" Measured CPU time: {sum(measured) / 60:.1f} CPU-minutes over {len(measured)} run(s), "
+                 f"{min(measured) / 60:.1f} to {max(measured) / 60:.1f} per run.")
+    loads = [r.circumstances[k] for r in runs for k in ("load_start", "load_end") if k in r.circumstances]
+    parallel = sorted({r.circumstances["parallel"] for r in runs if "parallel" in r.circumstances})
+    if loads:
+        text += (f" Load average (1 min) at the start/end of {sum('load_end' in r.circumstances for r in runs)} "
+                 f"recorded run(s): {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} cores, with "
+                 f"{' or '.join(map(str, parallel))} of these runs at a time.")
+    return text
 
 
 def _steps_note(ctx: ReportContext) -> str:
@@ -875,10 +980,13 @@ def _steps_note(ctx: ReportContext) -> str:
             "machine.")
 
 
-def _percent(spread: Optional[Spread]) -> Optional[Spread]:
+def _percent_cell(spread: Optional[Spread]) -> str:
+    """A fraction over seeds as percent with one decimal: '37.5 [25.0, 50.0]'."""
     if spread is None:
-        return None
-    return Spread(100 * spread.mean, 100 * spread.low, 100 * spread.high, spread.n)
+        return "-"
+    if spread.n == 1:
+        return f"{100 * spread.mean:.1f}"
+    return f"{100 * spread.mean:.1f} [{100 * spread.low:.1f}, {100 * spread.high:.1f}]"
 
 
 def write_results_json(ctx: ReportContext, outcomes: Sequence[RunOutcome], path: str) -> str:
@@ -928,6 +1036,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         + ", ".join(QUICK_CONDITIONS) + ")")
     p.add_argument("--jobs", type=int, default=2, help="training processes at a time (default 2)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per training process (default 1)")
+    p.add_argument("--note", default=None, help="a sentence on the circumstances of this run, printed in the "
+                                                "report's setup (e.g. what else shared the machine)")
     p.add_argument("--quick", action="store_true", help="a tiny grid that finishes in well under a minute (for tests)")
     args = p.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
@@ -979,7 +1089,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "pareto": plot_pareto(summaries, os.path.join(out, "early_exit_pareto.png")),
     }
     ctx = ReportContext(scale, seeds, args.jobs, args.threads, command, data_info, started, time.time(),
-                        load_before, os.getloadavg(), args.quick)
+                        load_before, os.getloadavg(), args.quick, args.note)
     write_results_json(ctx, outcomes, os.path.join(out, "results.json"))
     report = os.path.join(out, "README.md")
     with open(report, "w") as f:
