@@ -213,7 +213,6 @@ def run_recording(recipe) -> tuple[list[torch.Tensor], object]:
 EPOCH_BATCHES = 26  # small_dataset in batches of 16
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stop", [13, EPOCH_BATCHES], ids=["mid-epoch", "epoch-end"])
 def test_resume_neither_skips_nor_repeats_a_sample(small_dataset, tmp_path, stop):
     """Stop inside the first epoch or exactly at its end, resume, run into the second epoch:
@@ -329,7 +328,6 @@ def test_interrupted_save_leaves_latest_on_the_previous_checkpoint(dataset, tmp_
     validate(root / "step_00000006")
 
 
-@pytest.mark.slow
 def test_kill_during_save_keeps_the_previous_checkpoint(dataset, tmp_path):
     """SIGKILL a real training process while it writes a checkpoint (slowed down
     by a large model); resume must use the last committed one."""
