@@ -202,27 +202,31 @@ def timed(step, n: int) -> tuple[list[float], list[float]]:
     return cpu, wall
 
 
-def cross_entropy_cost(tokens: int, repeats: int = 5) -> tuple[float, float]:
-    """CPU seconds of one exit's loss forward+backward: full-vocabulary CE vs looptrain's chunked CE.
+def cross_entropy_cost(tokens: int, repeats: int = 5) -> dict[str, float]:
+    """CPU seconds of one exit's loss forward+backward, three ways.
 
-    The chunked CE never holds (tokens x vocab) logits for backward; it
-    recomputes them there instead, one extra (tokens x d x vocab) matmul per
-    exit. This attributes that part of the step-time difference.
+    full:       F.cross_entropy on the full (tokens x vocab) logits, kept for backward.
+    recompute:  looptrain's per-token chunked CE (used for exit-gated supervision,
+                whose token weights are only known in backward): logits are
+                recomputed in backward, one extra (tokens x d x vocab) matmul.
+    fused:      looptrain's weighted-exits CE (terminal and per-loop supervision):
+                gradients made chunk by chunk in forward, only scaled in backward.
     """
-    from looptrain.objectives import chunked_cross_entropy
+    from looptrain.objectives import chunked_cross_entropy, weighted_exits_cross_entropy
 
     x = torch.randn(tokens, D, requires_grad=True)
     w = (torch.randn(VOCAB, D) * 0.02).requires_grad_()
     t = torch.randint(0, VOCAB, (tokens,))
     variants = {
         "full": lambda: F.cross_entropy(F.linear(x, w).float(), t).backward(),
-        "chunked": lambda: chunked_cross_entropy(x, w, t, 8192).mean().backward(),
+        "recompute": lambda: chunked_cross_entropy(x, w, t, 8192).mean().backward(),
+        "fused": lambda: weighted_exits_cross_entropy([x], w, t, [1.0], 8192)[0].backward(),
     }
     cost = {}
     for name, fn in variants.items():
         fn()
         cost[name] = statistics.median(timed(fn, repeats)[0])
-    return cost["full"], cost["chunked"]
+    return cost
 
 
 def main() -> None:
@@ -274,12 +278,15 @@ def main() -> None:
         med = statistics.median(clock[name])
         print(f"| {name} | {c:.2f} | {w:.2f} | {n_tokens / c:,.0f} | {n_tokens / w:,.0f} "
               f"| {100 * (med / base - 1):+.1f}% |")
-    full, chunked = cross_entropy_cost(n_tokens)
-    extra = LOOPS * (chunked - full)
-    print(f"\nOf that difference, the loss alone: one exit's cross-entropy forward+backward takes {full:.3f} CPU s "
-          f"with full logits and {chunked:.3f} CPU s chunked (logits recomputed in backward, never stored): "
-          f"{extra:+.2f} CPU s per step over {LOOPS} exits = {100 * extra / statistics.median(cpu['plain PyTorch']):+.1f}% "
-          "of the plain step.")
+    cost = cross_entropy_cost(n_tokens)
+    plain_step_s = statistics.median(cpu["plain PyTorch"])
+    print(f"\nThe loss alone, one exit's cross-entropy forward+backward ({n_tokens} tokens x {VOCAB} vocab), CPU s:")
+    print("| variant | CPU s | vs full logits, per step over all exits |")
+    print("|---|---:|---:|")
+    for name, label in [("full", "full logits (plain)"), ("fused", "looptrain terminal/per-loop (fused)"),
+                        ("recompute", "looptrain exit-gated (recompute)")]:
+        extra = LOOPS * (cost[name] - cost["full"])
+        print(f"| {label} | {cost[name]:.3f} | {100 * extra / plain_step_s:+.1f}% of the plain step |")
 
 
 if __name__ == "__main__":

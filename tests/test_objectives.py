@@ -14,6 +14,7 @@ from looptrain.objectives import (
     compute_objective,
     exit_distribution,
     norm_penalty,
+    weighted_exits_cross_entropy,
 )
 
 
@@ -58,6 +59,58 @@ def test_chunked_ce_fp32_close_to_naive():
     want.backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx, x.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 10_000])
+def test_weighted_exits_ce_matches_naive_loss_and_gradients(chunk):
+    """Gradients made in forward and scaled in backward equal autograd through full logits."""
+    torch.manual_seed(2)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    feats = [torch.randn(3, 21, 16, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    frozen = torch.randn(3, 21, 16, dtype=torch.float64)  # an exit outside truncated backprop
+    t = torch.randint(0, 50, (3, 21))
+    t[1, :5] = IGNORE_INDEX
+    coeffs = [0.5, 0.2, 0.1, 0.2]
+    upstream = 0.37  # e.g. 1 / gradient accumulation
+
+    loss, ce = weighted_exits_cross_entropy(feats + [frozen], w, t, coeffs, chunk_tokens=chunk)
+    (loss * upstream).backward()
+    got = [f.grad.clone() for f in feats] + [w.grad.clone()]
+    for p in feats + [w]:
+        p.grad = None
+    count = (t != IGNORE_INDEX).sum()
+    want_ce = torch.stack([naive_ce(f, w, t).sum() / count for f in feats + [frozen]])
+    want = sum(c * x for c, x in zip(coeffs, want_ce))
+    (want * upstream).backward()
+
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ce, want_ce.detach(), rtol=1e-10, atol=1e-10)
+    assert not ce.requires_grad
+    for g, p in zip(got, feats + [w]):
+        torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_weighted_exits_ce_without_grad_and_under_bf16_autocast():
+    torch.manual_seed(3)
+    w = torch.randn(300, 32, requires_grad=True)
+    x = torch.randn(2, 33, 32, requires_grad=True)
+    t = torch.randint(0, 300, (2, 33))
+    with torch.no_grad():
+        loss, _ = weighted_exits_cross_entropy([x], w, t, [1.0], chunk_tokens=16)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, naive_ce(x, w, t).mean().detach(), rtol=1e-5, atol=1e-5)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = weighted_exits_cross_entropy([x], w, t, [1.0], chunk_tokens=16)
+    assert loss.dtype == torch.float32  # the softmax runs in fp32
+    loss.backward()
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    naive_ce(x, w, t).mean().backward()
+    torch.testing.assert_close(loss, naive_ce(x, w, t).mean().detach(), rtol=2e-2, atol=2e-2)
+    assert torch.nn.functional.cosine_similarity(gx.flatten(), x.grad.flatten(), dim=0) > 0.99
+    assert torch.nn.functional.cosine_similarity(gw.flatten(), w.grad.flatten(), dim=0) > 0.99
 
 
 def _exits(depth=3, seed=0):

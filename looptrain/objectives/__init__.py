@@ -1,6 +1,6 @@
 """Per-loop supervision, norm penalties, depth sampling."""
 
-from looptrain.objectives.chunked_ce import IGNORE_INDEX, chunked_cross_entropy
+from looptrain.objectives.chunked_ce import IGNORE_INDEX, chunked_cross_entropy, weighted_exits_cross_entropy
 from looptrain.objectives.depth import DepthSampler
 from looptrain.objectives.supervision import (
     ObjectiveResult,
@@ -12,5 +12,5 @@ from looptrain.objectives.supervision import (
 
 __all__ = [
     "IGNORE_INDEX", "DepthSampler", "ObjectiveResult", "chunked_cross_entropy", "compute_objective",
-    "exit_distribution", "mean_token_ce", "norm_penalty",
+    "exit_distribution", "mean_token_ce", "norm_penalty", "weighted_exits_cross_entropy",
 ]

@@ -11,9 +11,22 @@ backward. Peak extra memory is one chunk of logits; the cost is one extra
 Per-token losses (not a reduced scalar) are returned so that any weighting of
 tokens and exits -- uniform, per-loop weights, a learned exit gate -- gets
 exact gradients.
+
+When every token of an exit carries the same weight (terminal and per-loop
+supervision: loss = sum_k a_k * mean_tokens CE_k), the gradient's shape is
+known in forward up to one scalar -- whatever multiplies the loss later (a
+gradient-accumulation factor, a loss scaler). `weighted_exits_cross_entropy`
+uses that: it computes the gradients w.r.t. the features and the head weight
+in the same pass over each chunk of logits, keeps them (each exit's feature
+gradient is the size of the features; the head gradient is one parameter-sized
+buffer shared by all exits), and backward only scales them. That is three
+(tokens x d x vocab) matmuls per exit, the same as a plain full-logits
+cross-entropy, instead of four, with one chunk of logits alive at a time.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -68,6 +81,103 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return grad_x, grad_w, None, None
+
+
+class _WeightedExitsCrossEntropy(torch.autograd.Function):
+    """sum_k coeff_k * mean_valid_tokens CE(features_k @ weight.T, targets), gradients made in forward."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, targets: Tensor, coeffs: tuple, chunk: int, matmul_dtype, with_grads: bool,
+                *features: Tensor):
+        n = targets.shape[0]
+        device = targets.device
+        w = weight.to(matmul_dtype)
+        acc = torch.promote_types(matmul_dtype, torch.float32)
+        valid = targets != IGNORE_INDEX
+        count = valid.sum().clamp_min(1).to(acc)
+        safe_targets = targets.clamp_min(0)
+        need_x = [with_grads and ctx.needs_input_grad[6 + k] for k in range(len(features))]
+        need_w = with_grads and ctx.needs_input_grad[0]
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=device) if need_w else None
+        grads_x: list[Optional[Tensor]] = []
+        ce_sums = []
+        for k, feats in enumerate(features):
+            x_all = feats.to(matmul_dtype)
+            grad_x = torch.empty(feats.shape, dtype=matmul_dtype, device=device) if need_x[k] else None
+            scale = coeffs[k] / count
+            ce_sum = torch.zeros((), dtype=acc, device=device)
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                x = x_all[start:stop]
+                logits = (x @ w.t()).to(acc)
+                lse = torch.logsumexp(logits, dim=-1)
+                tgt = safe_targets[start:stop]
+                ok = valid[start:stop]
+                picked = logits.gather(1, tgt.unsqueeze(1)).squeeze(1)
+                ce_sum = ce_sum + torch.where(ok, lse - picked, torch.zeros_like(lse)).sum()
+                if need_x[k] or need_w:
+                    # d/dlogits of coeff * mean CE = coeff / count * (softmax - onehot) on valid tokens.
+                    grad_logits = logits.sub_(lse[:, None]).exp_()
+                    grad_logits[torch.arange(stop - start, device=device), tgt] -= 1.0
+                    grad_logits.mul_((ok.to(acc) * scale)[:, None])
+                    grad_logits = grad_logits.to(matmul_dtype)
+                    if need_x[k]:
+                        grad_x[start:stop] = grad_logits @ w
+                    if need_w:
+                        grad_w.add_((grad_logits.t() @ x).to(acc))
+            grads_x.append(grad_x)
+            ce_sums.append(ce_sum)
+        ce_per_exit = torch.stack(ce_sums) / count
+        loss = torch.stack([c * ce for c, ce in zip(coeffs, ce_per_exit.unbind())]).sum()
+        ctx.grads_x = grads_x
+        ctx.grad_w = grad_w
+        ctx.weight_dtype = weight.dtype
+        ctx.feature_dtypes = [f.dtype for f in features]
+        ctx.mark_non_differentiable(ce_per_exit)
+        return loss, ce_per_exit
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: Tensor, _grad_ce: Tensor):
+        grads_x, grad_w = ctx.grads_x, ctx.grad_w
+        if grads_x is None:
+            raise RuntimeError(
+                "weighted_exits_cross_entropy keeps its gradients from forward and hands them over once: "
+                "backward through the same graph twice (retain_graph=True) is not supported"
+            )
+        ctx.grads_x = ctx.grad_w = None  # free the buffers as soon as they are handed over
+        out_w = grad_w.mul_(grad_loss.to(grad_w.dtype)).to(ctx.weight_dtype) if grad_w is not None else None
+        out_x = [
+            g.mul_(grad_loss.to(g.dtype)).to(dtype) if g is not None else None
+            for g, dtype in zip(grads_x, ctx.feature_dtypes)
+        ]
+        return (out_w, None, None, None, None, None, *out_x)
+
+
+def weighted_exits_cross_entropy(
+    features: Sequence[Tensor], weight: Tensor, targets: Tensor, coeffs: Sequence[float], chunk_tokens: int = 8192
+) -> tuple[Tensor, Tensor]:
+    """(sum_k coeffs[k] * CE_k, per-exit CE_k detached) with CE_k the mean over positions with a target.
+
+    features: K tensors (..., D); weight: (V, D); targets (...) with IGNORE_INDEX
+    where there is no target. Equal, in loss and gradients, to summing
+    `coeffs[k] * chunked_cross_entropy(...).sum() / n_valid` over exits, with
+    one matmul fewer per exit (see the module docstring). Under autocast the
+    matmuls run in the autocast dtype and the softmax in fp32.
+    """
+    if len(features) != len(coeffs):
+        raise ValueError(f"{len(features)} feature tensors but {len(coeffs)} coefficients")
+    flat = [f.reshape(-1, f.shape[-1]) for f in features]
+    device_type = flat[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        matmul_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        matmul_dtype = weight.dtype
+    with_grads = torch.is_grad_enabled() and (weight.requires_grad or any(f.requires_grad for f in flat))
+    return _WeightedExitsCrossEntropy.apply(
+        weight, targets.reshape(-1), tuple(float(c) for c in coeffs), max(1, int(chunk_tokens)), matmul_dtype,
+        with_grads, *flat,
+    )
 
 
 def chunked_cross_entropy(features: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int = 8192) -> Tensor:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from looptrain.config.schema import NormPenaltyConfig, ObjectiveConfig
-from looptrain.objectives.chunked_ce import IGNORE_INDEX, chunked_cross_entropy
+from looptrain.objectives.chunked_ce import IGNORE_INDEX, chunked_cross_entropy, weighted_exits_cross_entropy
 
 
 @dataclass
@@ -86,8 +86,8 @@ def compute_objective(
     exit_probs = None
 
     if cfg.supervision == "terminal":
-        ce = mean_token_ce(features[-1], head_weight, targets, chunk)
-        ce_exits[-1] = ce.detach()
+        ce, ce_final = weighted_exits_cross_entropy([features[-1]], head_weight, targets, [1.0], chunk)
+        ce_exits[-1] = ce_final[0]
         if measure_all_exits:
             with torch.no_grad():
                 for k in range(depth - 1):
@@ -95,12 +95,11 @@ def compute_objective(
         supervised = ce
     elif cfg.supervision == "per_loop":
         weights = cfg.loop_weights or [1.0] * depth
-        total = 0.0
-        for k in range(depth):
-            ce_k = mean_token_ce(features[k], head_weight, targets, chunk)
-            ce_exits[k] = ce_k.detach()
-            total = total + weights[k] * ce_k
-        supervised = total / sum(weights)
+        total = sum(weights)
+        supervised, ce_all = weighted_exits_cross_entropy(
+            features, head_weight, targets, [w / total for w in weights], chunk
+        )
+        ce_exits = list(ce_all.unbind())
     elif cfg.supervision == "exit_gated":
         if gate_logits is None:
             raise ValueError("exit_gated supervision needs a model with an exit gate (model.exit_gate=true)")

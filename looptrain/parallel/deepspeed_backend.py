@@ -131,7 +131,8 @@ def prepare_for_zero3(train_module: nn.Module) -> None:
     ZeRO-3 gathers a parameter only around its owning module's forward and
     backward, found through hooks on the module's input/output tensors. The
     LM head weight (the tied token embedding) is used by the loss -- in
-    forward and again in the chunked cross-entropy's backward -- long after
+    forward and, for exit-gated supervision, again in the per-token chunked
+    cross-entropy's backward, which recomputes the logits -- long after
     the embedding's own forward, and learned positions are indexed directly.
     So they are registered as external parameters of the train module, and
     the train module's forward returns `(loss,)` instead of a `StepOutput`
