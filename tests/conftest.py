@@ -19,6 +19,20 @@ def repo_root() -> str:
     return ROOT
 
 
+@pytest.fixture(scope="session")
+def bible_data(tmp_path_factory) -> str:
+    """The King James Bible as a 512-token BPE dataset of 64-token sequences.
+
+    Prepared once per session and shared by the training, parallel, halt and
+    launch tests, which only read it.
+    """
+    from looptrain.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data") / "bible"
+    prepare_dataset("bible", out, vocab_size=512, seq_len=64, progress=False)
+    return str(out)
+
+
 # The session-wide local Slurm cluster (tests/slurm_fixtures.py). Imported by
 # module name from this directory: a top-level `tests` package installed by a
 # third-party distribution would shadow `tests.slurm_fixtures`.

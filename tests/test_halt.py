@@ -13,15 +13,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def bible_data(tmp_path_factory):
-    from looptrain.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("data") / "bible"
-    prepare_dataset("bible", out, vocab_size=512, seq_len=64, progress=False)
-    return str(out)
-
-
 def recipe(tmp_path, data_dir, *extra):
     return load_recipe(
         os.path.join(ROOT, "recipes/quickstart.yaml"),

@@ -498,12 +498,8 @@ def no_job_named(cluster, name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    from looptrain.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("launch-data") / "bible-512"
-    prepare_dataset("bible", out, vocab_size=512, seq_len=64, progress=False)
-    return out.resolve()
+def tiny_data(bible_data) -> Path:
+    return Path(bible_data).resolve()
 
 
 REFERENCE_STEPS = 50

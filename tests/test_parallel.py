@@ -387,15 +387,6 @@ E2E_OVERRIDES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def bible_data(tmp_path_factory) -> str:
-    from looptrain.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("data") / "bible"
-    prepare_dataset("bible", out, vocab_size=512, seq_len=64, progress=False)
-    return str(out)
-
-
 def e2e_args(data_dir: str, out_dir, *extra: str) -> list[str]:
     recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes/quickstart.yaml")
     return [recipe, f"data.dir={data_dir}", f"out_dir={out_dir}", *E2E_OVERRIDES, *extra]

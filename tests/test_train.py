@@ -11,15 +11,6 @@ from looptrain.config import load_recipe
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def bible_data(tmp_path_factory):
-    from looptrain.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("data") / "bible"
-    prepare_dataset("bible", out, vocab_size=512, seq_len=64, progress=False)
-    return str(out)
-
-
 def tiny(tmp_path, data_dir, *extra):
     return load_recipe(
         os.path.join(ROOT, "recipes/quickstart.yaml"),
