@@ -164,7 +164,11 @@ class Trainer:
         )
         self.state.wandb_run_id = self.tracker.run_id
         self.flops_per_token = self.backend.model.flops_per_token(depth=m.loops, seq_len=m.max_seq_len)
-        self.peak = peak_flops(env.device, t.precision)
+        self.peak = peak_flops(env.device, t.precision, t.peak_tflops * 1e12 if t.peak_tflops else None)
+        if self.peak != self.peak and env.is_main:  # NaN: a GPU missing from perf.GPU_PEAKS
+            name = torch.cuda.get_device_name(env.device)
+            print(f"looptrain: no known peak FLOP/s for {name}: MFU is not reported; set train.peak_tflops to the "
+                  "device's dense peak", file=sys.stderr, flush=True)
         self._preempt_signal: Optional[int] = None
 
     # ------------------------------------------------------------------ helpers

@@ -61,6 +61,7 @@ def test_wrong_type_and_bad_choice():
         (["objective.supervision=exit_gated"], r"needs a learned exit gate: set model\.exit_gate=true"),
         (["objective.loop_weights=[1,2]"], r"one weight per exit \(4\)"),
         (["parallel.zero_stage=4"], r"ZeRO stage must be 0, 1, 2 or 3"),
+        (["train.peak_tflops=0"], r"train\.peak_tflops: must be > 0"),
     ],
 )
 def test_impossible_combinations(overrides, message):

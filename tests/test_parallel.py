@@ -254,6 +254,14 @@ def test_non_finite_gradient_skips_the_step():
     assert torch.isfinite(loss) and torch.isfinite(grad_norm)
 
 
+def test_mfu_peak_from_recipe_gpu_table_or_cpu_probe():
+    from looptrain.perf import GPU_PEAKS, peak_flops
+
+    assert peak_flops(torch.device("cpu"), "fp32", override=123e12) == 123e12
+    assert peak_flops(torch.device("cpu"), "fp32") > 1e8  # the measured matmul probe
+    assert GPU_PEAKS["H100"]["bf16"] == 989e12
+
+
 def test_fsdp2_only_options_are_rejected_elsewhere():
     from looptrain.config import RecipeError
 

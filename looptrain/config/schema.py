@@ -174,6 +174,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 10
+    # Peak TFLOP/s per device that MFU is reported against. Default: the
+    # vendor's dense number for a known GPU, a measured matmul peak on CPU.
+    peak_tflops: Optional[float] = None
     val_every: int = 200
     val_batches: int = 20
     seed: int = 0
@@ -341,6 +344,8 @@ class Recipe:
         for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "val_batches"):
             if getattr(t, key) < 1:
                 bad(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+        if t.peak_tflops is not None and not t.peak_tflops > 0:
+            bad("train.peak_tflops", f"must be > 0 (TFLOP/s per device), got {t.peak_tflops}")
         if t.val_every < 0:
             bad("train.val_every", "must be >= 0 (0 disables validation)")
         if self.optim.lr <= 0:
