@@ -12,6 +12,7 @@ import os
 import sys
 
 from looptrain import exit_codes
+from looptrain.launch.cli import allow_overrides_after_options
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,10 @@ def _load(args):
 def cmd_train(args) -> int:
     recipe = _load(args)  # fail fast on a bad recipe, before starting workers
     if args.nproc and args.nproc > 1:
+        from looptrain.config.schema import check_world_size
         from looptrain.launch.local import launch_local
+
+        check_world_size(recipe, args.nproc, f"--nproc {args.nproc}")
 
         argv = ["train", args.recipe, *args.overrides]
         if args.force_resume:
@@ -97,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="looptrain",
         description="Train looped language models with per-loop supervision and hidden-state scale control.",
     )
+    # The `deepspeed` launcher runs `python -m looptrain.cli --local_rank=N COMMAND ...`;
+    # the rank is read from LOCAL_RANK, so the flag is accepted and ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a recipe (under torchrun/srun/deepspeed, or --nproc N locally)")
@@ -104,10 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=0, help="start N local worker processes")
     p.add_argument("--force-resume", action="store_true",
                    help="resume a run that the norm monitor halted (HALTED.json)")
+    allow_overrides_after_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="print the resolved recipe, parameter counts and FLOPs per token")
     _recipe_args(p)
+    allow_overrides_after_options(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("quickstart", help="prepare a small English corpus and train two small looped models on CPU")
@@ -115,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data/quickstart", help="prepared dataset directory (made if missing)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the recipe's)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides applied to both runs")
+    allow_overrides_after_options(p)
     p.set_defaults(func=cmd_quickstart)
 
     _add_optional(sub, "prepare", "looptrain.data.cli", "add_prepare_arguments", "run_prepare",
@@ -151,11 +161,13 @@ def _add_optional(sub, name: str, module: str, add: str, run: str, help_text: st
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from looptrain.checkpoint.errors import CheckpointError
     from looptrain.config import RecipeError
+    from looptrain.data.errors import DataError
 
     try:
         code = args.func(args)
-    except RecipeError as err:
+    except (RecipeError, DataError, CheckpointError) as err:
         print(f"looptrain: error: {err}", file=sys.stderr)
         return exit_codes.BAD_INPUT
     except KeyboardInterrupt:

@@ -19,12 +19,16 @@ RECIPES = ("quickstart.yaml", "quickstart_controlled.yaml")
 
 
 def recipe_dir() -> str:
-    """recipes/ of a source checkout (the recipes are not installed as package data)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(here, "recipes")
-    if not os.path.isfile(os.path.join(path, RECIPES[0])):
-        raise FileNotFoundError(f"{path}: quickstart recipes not found; run from a looptrain source checkout")
-    return path
+    """recipes/ of a source checkout, or the copy a wheel installs as `looptrain/recipes`."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    candidates = [os.path.join(os.path.dirname(package), "recipes"), os.path.join(package, "recipes")]
+    for path in candidates:
+        if os.path.isfile(os.path.join(path, RECIPES[0])):
+            return path
+    raise FileNotFoundError(
+        f"quickstart recipes not found in {' or '.join(candidates)}; reinstall looptrain (pip install looptrain) "
+        "or run from a source checkout"
+    )
 
 
 def last_metrics(run_dir: str) -> dict[str, float]:
@@ -64,10 +68,18 @@ def run_quickstart(out_dir: str = "runs/quickstart", data_dir: str = "data/quick
     base = os.path.join(recipe_dir(), RECIPES[0])
     probe = load_recipe(base, overrides)
     if not os.path.isfile(os.path.join(data_dir, "dataset.json")):
+        from looptrain.data.errors import DataError
         from looptrain.data.prepare import prepare_dataset
 
+        empty = os.path.isdir(data_dir) and not os.listdir(data_dir)
+        if os.path.exists(data_dir) and not empty:
+            raise DataError(
+                f"{data_dir}: exists but holds no prepared dataset (no dataset.json); "
+                "remove it, or pass --data with a new directory"
+            )
         print(f"looptrain quickstart: preparing the King James Bible into {data_dir}", flush=True)
-        prepare_dataset("bible", data_dir, vocab_size=probe.model.vocab_size, seq_len=probe.model.max_seq_len)
+        prepare_dataset("bible", data_dir, vocab_size=probe.model.vocab_size, seq_len=probe.model.max_seq_len,
+                        overwrite=empty)
     common = [f"data.dir={data_dir}", f"out_dir={out_dir}", *overrides]
     if steps is not None:
         common.append(f"train.steps={steps}")

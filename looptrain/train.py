@@ -28,6 +28,7 @@ import torch
 
 from looptrain import exit_codes
 from looptrain.config import Recipe, RecipeError, recipe_hash, recipe_to_dict, save_resolved
+from looptrain.config.schema import check_world_size
 from looptrain.objectives import DepthSampler
 from looptrain.optim import lr_at
 from looptrain.parallel import Backend, build_backend, init_distributed, shutdown_distributed
@@ -52,9 +53,11 @@ class TrainResult:
 class _WindowStats:
     """Per-step scalars summed on device over a log window (no host sync)."""
 
-    def __init__(self, max_depth: int, device: torch.device):
+    def __init__(self, max_depth: int, device: torch.device, tokens_per_step: int, peak_flops: float):
         self.max_depth = max_depth
         self.device = device
+        self.tokens_per_step = tokens_per_step
+        self.peak_flops = peak_flops  # per device
         self.reset()
 
     def reset(self) -> None:
@@ -64,6 +67,7 @@ class _WindowStats:
         self.exit_count = torch.zeros(d, device=self.device, dtype=torch.float64)
         self.steps = 0
         self.micro = 0
+        self.model_flops = 0.0  # host float: the depth of each step is known on the host
 
     def add_micro(self, result, depth: int) -> None:
         ce = result.ce_per_exit.double()
@@ -79,17 +83,23 @@ class _WindowStats:
         self.sums[2] += result.norm_penalty.double()
         self.micro += 1
 
-    def add_step(self, grad_norm: torch.Tensor, depth: int) -> None:
+    def add_step(self, grad_norm: torch.Tensor, depth: int, model_flops: float) -> None:
         self.sums[3] += grad_norm.double()
         self.sums[4] += depth
         self.steps += 1
+        self.model_flops += model_flops
 
-    def read(self, backend: Backend) -> dict[str, float]:
+    def read(self, backend: Backend, elapsed: float, peak_memory_gb: float) -> dict[str, float]:
+        """Window means (averaged over ranks), plus the slowest rank's elapsed time
+        and the largest peak memory over ranks under `perf/`."""
         packed = torch.cat([self.sums, self.exit_sum, self.exit_count])
+        worst = torch.tensor([elapsed, peak_memory_gb], device=self.device, dtype=torch.float64)
         if backend.env.distributed:
             torch.distributed.all_reduce(packed)
             packed /= backend.env.world_size
+            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
         values = packed.tolist()
+        elapsed, peak_memory_gb = worst.tolist()
         micro, steps = max(1, self.micro), max(1, self.steps)
         out = {
             "train/loss": values[0] / micro,
@@ -103,6 +113,16 @@ class _WindowStats:
             count = values[5 + d + k]
             if count > 0:
                 out[f"train/loss_exit/{k + 1}"] = values[5 + k] / count
+        elapsed = max(elapsed, 1e-9)
+        tokens_per_s = self.tokens_per_step * self.steps / elapsed
+        world = backend.env.world_size
+        out.update({
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/tokens_per_s_per_device": tokens_per_s / world,
+            "perf/step_time_s": elapsed / steps,
+            "perf/mfu": self.model_flops / elapsed / world / self.peak_flops,
+            "perf/peak_mem_gb": peak_memory_gb,
+        })
         self.reset()
         return out
 
@@ -120,25 +140,30 @@ class Trainer:
         self.env = env
         m, t = recipe.model, recipe.train
         self.run_dir = recipe.run_dir
-        check_dataset(recipe.data.dir, seq_len=m.max_seq_len, vocab_size=m.vocab_size)
-        if env.is_main:
-            save_resolved(recipe, self.run_dir)
+        # Everything that can reject the recipe runs before anything is written
+        # into the run directory, so a failed start leaves no half-made run behind.
+        splits = ("train", "val") if t.val_every > 0 else ("train",)
+        check_dataset(recipe.data.dir, seq_len=m.max_seq_len, vocab_size=m.vocab_size, splits=splits)
+        self.backend = build_backend(recipe, env)
+        dp = self.backend.data_parallel_size
+        check_world_size(recipe, dp)
+        self.global_batch = t.micro_batch_size * t.grad_accum * dp
 
         seed_everything(t.seed)  # identical initial weights on every rank
         model = build_model(m)
-        self.backend = build_backend(recipe, env)
+        # Model FLOPs per token of a step at each depth the sampler can draw; counted
+        # on the bare model, because ZeRO-3 empties the partitioned parameters it wraps.
+        o = recipe.objective
+        self.flops_by_depth = [
+            model.flops_per_token(depth=d, seq_len=m.max_seq_len, backprop_loops=o.backprop_loops,
+                                  exits=1 if o.supervision == "terminal" else None)
+            for d in range((o.depth.max or m.loops) + 1)
+        ]
+        if env.is_main:
+            save_resolved(recipe, self.run_dir)
         self.backend.setup(LoopedLMTrainModule(model, recipe.objective))
         seed_everything(t.seed + 1000 * env.rank)  # distinct dropout streams per rank
 
-        dp = self.backend.data_parallel_size
-        self.global_batch = t.micro_batch_size * t.grad_accum * dp
-        if t.global_batch_size is not None and t.global_batch_size != self.global_batch:
-            raise RecipeError(
-                f"train.global_batch_size={t.global_batch_size} but micro_batch_size {t.micro_batch_size} x "
-                f"grad_accum {t.grad_accum} x data-parallel size {dp} = {self.global_batch}; "
-                f"set train.grad_accum={t.global_batch_size // max(1, t.micro_batch_size * dp)} "
-                "(the global batch must divide evenly)"
-            )
         self.tokens_per_step = self.global_batch * m.max_seq_len
         self.train_loader = build_train_loader(
             recipe.data, seq_len=m.max_seq_len, vocab_size=m.vocab_size,
@@ -154,7 +179,12 @@ class Trainer:
         self.sampler = DepthSampler(recipe.objective.depth, m.loops, seed=t.seed)
         self.norms = LoopNormAccumulator(self.max_depth, m.d_model, env.device)
         self.monitor = NormMonitor(recipe.monitor, self.max_depth)
-        self.window = _WindowStats(self.max_depth, env.device)
+        self.peak = peak_flops(env.device, t.precision, t.peak_tflops * 1e12 if t.peak_tflops else None)
+        if self.peak != self.peak and env.is_main:  # NaN: a GPU missing from perf.GPU_PEAKS
+            name = torch.cuda.get_device_name(env.device)
+            print(f"looptrain: no known peak FLOP/s for {name}: MFU is not reported; set train.peak_tflops to the "
+                  "device's dense peak", file=sys.stderr, flush=True)
+        self.window = _WindowStats(self.max_depth, env.device, self.tokens_per_step, self.peak)
         self.state = TrainerState(recipe_hash=recipe_hash(recipe))
         self.checkpointer = Checkpointer(recipe, self.backend, env)
         self.checkpointer.resume(self, force=force_resume)
@@ -163,12 +193,6 @@ class Trainer:
             resume_id=self.state.wandb_run_id, total_steps=t.steps,
         )
         self.state.wandb_run_id = self.tracker.run_id
-        self.flops_per_token = self.backend.model.flops_per_token(depth=m.loops, seq_len=m.max_seq_len)
-        self.peak = peak_flops(env.device, t.precision, t.peak_tflops * 1e12 if t.peak_tflops else None)
-        if self.peak != self.peak and env.is_main:  # NaN: a GPU missing from perf.GPU_PEAKS
-            name = torch.cuda.get_device_name(env.device)
-            print(f"looptrain: no known peak FLOP/s for {name}: MFU is not reported; set train.peak_tflops to the "
-                  "device's dense peak", file=sys.stderr, flush=True)
         self._preempt_signal: Optional[int] = None
 
     # ------------------------------------------------------------------ helpers
@@ -218,18 +242,12 @@ class Trainer:
         return metrics
 
     # --------------------------------------------------------------------- loop
-    def _log(self, step: int, elapsed: float, steps_in_window: int) -> dict[str, float]:
-        metrics = self.window.read(self.backend)
+    def _log(self, step: int, elapsed: float) -> dict[str, float]:
+        metrics = self.window.read(self.backend, elapsed, peak_memory_gb(self.env.device))
         metrics.update(self.norms.read())
-        tokens_per_s = self.tokens_per_step * steps_in_window / max(elapsed, 1e-9)
         metrics.update({
             "train/lr": lr_at(step - 1, self.recipe.train.steps, self.recipe.optim.lr, self.recipe.optim.schedule),
             "train/tokens": float(self.state.tokens),
-            "perf/tokens_per_s": tokens_per_s,
-            "perf/tokens_per_s_per_device": tokens_per_s / self.env.world_size,
-            "perf/step_time_s": elapsed / max(1, steps_in_window),
-            "perf/mfu": self.flops_per_token * tokens_per_s / self.env.world_size / self.peak,
-            "perf/peak_mem_gb": peak_memory_gb(self.env.device),
         })
         return metrics
 
@@ -258,7 +276,7 @@ class Trainer:
         self._install_signal_handlers()
         module = self.backend.module
         module.train()
-        window_start, window_steps = time.perf_counter(), 0
+        window_start = time.perf_counter()
         metrics: dict[str, float] = {}
         while self.state.step < t.steps:
             step = self.state.step
@@ -274,10 +292,9 @@ class Trainer:
                 self.norms.update(out.states)
             lr = lr_at(step, t.steps, self.recipe.optim.lr, self.recipe.optim.schedule)
             grad_norm = self.backend.optimizer_step(lr)
-            self.window.add_step(grad_norm, depth)
+            self.window.add_step(grad_norm, depth, self.flops_by_depth[depth] * self.tokens_per_step)
             self.state.step = step + 1
             self.state.tokens += self.tokens_per_step
-            window_steps += 1
 
             # The one per-step host sync: a non-finite loss or gradient must stop
             # the run before it is logged as healthy or checkpointed.
@@ -285,8 +302,8 @@ class Trainer:
                 measure = True
             if measure:
                 elapsed = time.perf_counter() - window_start
-                metrics = self._log(self.state.step, elapsed, window_steps)
-                window_start, window_steps = time.perf_counter(), 0
+                metrics = self._log(self.state.step, elapsed)
+                window_start = time.perf_counter()
                 self.state.last_metrics = metrics
                 self.tracker.log(self.state.step, metrics)
                 halt = self._handle_events(self.state.step, metrics)

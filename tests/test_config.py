@@ -116,3 +116,55 @@ def test_cli_reports_recipe_error_in_one_line(tmp_path, capsys):
     assert main(["info", p]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "did you mean 'model.d_model'" in err[0]
+
+
+def test_cli_rejects_a_world_size_before_starting_workers(capsys):
+    from looptrain.cli import main
+
+    quickstart = os.path.join(ROOT, "recipes/quickstart.yaml")
+    # Overrides may also follow the options; a single-process backend cannot run 2 ranks.
+    assert main(["train", quickstart, "--nproc", "2", "train.steps=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--nproc 2 = 2 ranks, but parallel.backend=single" in err[0]
+    assert main(["train", quickstart, "parallel.backend=fsdp2", "train.micro_batch_size=3",
+                 "train.global_batch_size=8", "--nproc", "2"]) == 2
+    assert "x 2 ranks = 6: set train.micro_batch_size=4 train.grad_accum=1" in capsys.readouterr().err
+
+
+def test_cli_accepts_the_deepspeed_launchers_local_rank():
+    from looptrain.cli import build_parser
+
+    args = build_parser().parse_args(["--local_rank=1", "train", "r.yaml", "optim.lr=1e-3"])
+    assert args.recipe == "r.yaml" and args.overrides == ["optim.lr=1e-3"]
+
+
+def test_a_failed_start_writes_nothing_into_the_run_directory(tmp_path, bible_data, capsys):
+    from looptrain.cli import main
+
+    args = ["train", os.path.join(ROOT, "recipes/quickstart.yaml"), f"data.dir={bible_data}", f"out_dir={tmp_path}",
+            "name=r", "model.vocab_size=512", "model.max_seq_len=64", "train.global_batch_size=7"]
+    assert main(args) == 2
+    assert "train.global_batch_size=7" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_quickstart_refuses_a_data_directory_that_is_not_a_dataset(tmp_path, capsys):
+    from looptrain.cli import main
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "notes.txt").write_text("mine")
+    assert main(["quickstart", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists but holds no prepared dataset" in err[0]
+    assert (tmp_path / "data" / "notes.txt").read_text() == "mine"
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    listed = set(tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["setuptools"]["packages"])
+    found = {
+        os.path.relpath(d, ROOT).replace(os.sep, ".")
+        for d, _, files in os.walk(os.path.join(ROOT, "looptrain")) if "__init__.py" in files
+    }
+    assert found | {"looptrain.recipes"} == listed

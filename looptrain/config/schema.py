@@ -360,4 +360,38 @@ class Recipe:
             bad("checkpoint.keep_last", "must be >= 1 so that a run can always resume")
         if not self.name or "/" in self.name:
             bad("name", f"a run name must be non-empty without '/', got {self.name!r}")
+        # The model's own build-time checks (choices, shapes, injection vs initial
+        # state), so that a recipe that loads is a recipe that builds.
+        from looptrain.model.looped_lm import check_model_config
+
+        check_model_config(m)
         return self
+
+
+def check_world_size(recipe: "Recipe", world: int, where: str = "") -> None:
+    """Reject a recipe that cannot run on `world` ranks (all data-parallel).
+
+    Called before workers start or jobs are queued (`train --nproc`, `launch`)
+    and again by the trainer with the real world size. `where` says where the
+    ranks come from (e.g. "2 node(s) x 4 rank(s)"), for the message.
+    """
+    ranks = f"{where} = {world} ranks" if where else f"{world} ranks"
+    if world > 1 and recipe.parallel.backend == "single":
+        raise RecipeError(
+            f"{ranks}, but parallel.backend=single runs one process: add parallel.backend=fsdp2 "
+            "(or deepspeed), or run one rank"
+        )
+    t = recipe.train
+    got = t.micro_batch_size * t.grad_accum * world
+    if t.global_batch_size is not None and t.global_batch_size != got:
+        per_rank, rest = divmod(t.global_batch_size, world)
+        if rest:
+            fix = f"pick a train.global_batch_size divisible by {world} ranks"
+        elif per_rank % t.micro_batch_size == 0:
+            fix = f"set train.grad_accum={per_rank // t.micro_batch_size}"
+        else:
+            fix = f"set train.micro_batch_size={per_rank} train.grad_accum=1"
+        raise RecipeError(
+            f"train.global_batch_size={t.global_batch_size} but micro_batch_size {t.micro_batch_size} x grad_accum "
+            f"{t.grad_accum} x {world} ranks = {got}: {fix}"
+        )

@@ -12,7 +12,7 @@ import os
 from looptrain import exit_codes
 
 
-def _allow_overrides_after_options(parser: argparse.ArgumentParser) -> None:
+def allow_overrides_after_options(parser: argparse.ArgumentParser) -> None:
     """Let `launch RECIPE --cluster X --dry-run key=value` work: overrides may follow the options.
 
     Plain argparse consumes both positionals (recipe, overrides) at the first
@@ -52,7 +52,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write a plain sbatch script (no submitit) to FILE instead of submitting")
     parser.add_argument("--force-resume", action="store_true",
                         help="resume a run that the norm monitor halted (HALTED.json)")
-    _allow_overrides_after_options(parser)
+    allow_overrides_after_options(parser)
 
 
 def run_launch(args) -> int:
@@ -98,7 +98,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cluster profile YAML (default: the sweep file's `cluster:`)")
     parser.add_argument("--nodes", type=int, default=None, help="nodes per run (default: the profile's)")
     parser.add_argument("--dry-run", action="store_true", help="print the job array and its runs; submit nothing")
-    _allow_overrides_after_options(parser)
+    allow_overrides_after_options(parser)
 
 
 def run_sweep(args) -> int:

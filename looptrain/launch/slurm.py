@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from looptrain.config import Recipe, recipe_to_dict, recipe_to_yaml
+from looptrain.config import Recipe, RecipeError, recipe_to_dict, recipe_to_yaml
+from looptrain.config.schema import check_world_size
 from looptrain.launch import records
 from looptrain.launch.profile import ClusterProfile, LaunchError
 
@@ -132,26 +133,12 @@ def refuse_if_active(record: Optional[dict[str, Any]], where: str) -> None:
 
 
 def check_world(recipe: Recipe, profile: ClusterProfile) -> None:
-    """A multi-rank job needs a distributed backend: fail before submitting, not after queueing."""
+    """A multi-rank job needs a distributed backend and a batch that divides: fail before submitting, not after queueing."""
     world = profile.nodes * profile.ranks_per_node
-    if world > 1 and recipe.parallel.backend == "single":
-        raise LaunchError(
-            f"{profile.nodes} node(s) x {profile.ranks_per_node} rank(s) = {world} ranks, but parallel.backend=single "
-            "runs one process: add parallel.backend=fsdp2 (or deepspeed), or use --nodes 1 with one task per node"
-        )
-    t = recipe.train
-    if t.global_batch_size is not None and t.global_batch_size != t.micro_batch_size * t.grad_accum * world:
-        per_rank, rest = divmod(t.global_batch_size, world)
-        if rest:
-            fix = f"pick a global batch divisible by {world} ranks"
-        elif per_rank % t.micro_batch_size == 0:
-            fix = f"set train.grad_accum={per_rank // t.micro_batch_size}"
-        else:
-            fix = f"set train.micro_batch_size={per_rank} train.grad_accum=1"
-        raise LaunchError(
-            f"train.global_batch_size={t.global_batch_size} but micro_batch_size {t.micro_batch_size} x grad_accum "
-            f"{t.grad_accum} x {world} ranks = {t.micro_batch_size * t.grad_accum * world}: {fix}"
-        )
+    try:
+        check_world_size(recipe, world, f"{profile.nodes} node(s) x {profile.ranks_per_node} rank(s)")
+    except RecipeError as err:
+        raise LaunchError(str(err)) from None
 
 
 def now_iso() -> str:

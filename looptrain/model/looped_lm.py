@@ -207,9 +207,10 @@ class LoopedLM(nn.Module):
         seq_len: Optional[int] = None,
         training: bool = True,
         backprop_loops: Optional[int] = None,
+        exits: Optional[int] = None,
     ) -> float:
         """Model FLOPs per token; see `looptrain.model.accounting.flops_per_token`."""
-        return accounting.flops_per_token(self, depth, seq_len, training, backprop_loops)
+        return accounting.flops_per_token(self, depth, seq_len, training, backprop_loops, exits)
 
 
 def build_model(cfg: ModelConfig) -> LoopedLM:

@@ -1,6 +1,7 @@
 """Who am I in the job: rank, world, device -- from torchrun, srun or deepspeed.
 
-torchrun and the deepspeed launcher export RANK/WORLD_SIZE/LOCAL_RANK; under a
+torchrun and the deepspeed launcher export RANK/WORLD_SIZE/LOCAL_RANK (deepspeed
+names the ranks per node LOCAL_SIZE); under a
 bare `srun` only SLURM_* variables exist, so they are translated here (the
 first node of SLURM_JOB_NODELIST becomes MASTER_ADDR). Variables that
 mosaicml-streaming reads (LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) are
@@ -90,6 +91,10 @@ def init_distributed(device_preference: str = "auto", backend: str = "auto", tim
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "LOCAL_SIZE" in os.environ:
+        # The deepspeed launcher names it LOCAL_SIZE and leaves any inherited
+        # LOCAL_WORLD_SIZE in place; streaming reads the latter, so it must agree.
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     # mosaicml-streaming requires these even in a single process.
     os.environ.setdefault("RANK", str(rank))
