@@ -221,15 +221,21 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         if self.val_loader is None:
             return {}
+        from looptrain.objectives import IGNORE_INDEX
+
         depth = self.recipe.model.loops
+        # Token-weighted, so that a short last batch counts for its tokens and
+        # the numbers equal `looptrain eval` on the same batches.
         sums = torch.zeros(depth + 1, device=self.env.device, dtype=torch.float64)
         for i, batch in enumerate(self.val_loader):
             if i >= self.recipe.train.val_batches:
                 break
             tokens, targets = split_batch(batch)
-            out = self.backend.evaluate(tokens.to(self.env.device), targets.to(self.env.device))
-            sums[:depth] += out.result.ce_per_exit.double()
-            sums[depth] += 1
+            targets = targets.to(self.env.device)
+            out = self.backend.evaluate(tokens.to(self.env.device), targets)
+            count = (targets != IGNORE_INDEX).sum().double()
+            sums[:depth] += out.result.ce_per_exit.double() * count
+            sums[depth] += count
         if self.env.distributed:
             torch.distributed.all_reduce(sums)
         values = sums.tolist()

@@ -195,6 +195,16 @@ def test_every_policy_threshold_zero_exits_at_depth_one(gated_exit_data):
         assert point.loss == pytest.approx(data.ce_exit[0].double().mean().item()), policy
 
 
+def test_logit_margin_confidence_follows_the_logit_gap_at_any_scale():
+    from looptrain.eval.collect import chunk_scores
+
+    logits = torch.tensor([[3.0, 1.0, 0.0, -2.0], [30.0, 10.0, 0.0, -20.0]])
+    scores = chunk_scores(torch.log_softmax(logits, dim=-1), None)
+    assert scores["logit_margin"].tolist() == pytest.approx([1 - math.exp(-2.0), 1 - math.exp(-20.0)])
+    # The probability margin of the scaled logits saturates; the logit margin keeps ordering them.
+    assert scores["logit_margin"][1] > scores["logit_margin"][0]
+
+
 @pytest.mark.parametrize("unreachable", [1.0 + 1e-6, math.inf])
 def test_every_policy_unreachable_threshold_uses_all_loops(gated_exit_data, unreachable):
     """Confidences lie in [0, 1], so any threshold above 1 never triggers: all E loops, full-depth loss."""
@@ -411,7 +421,8 @@ def test_cli_end_to_end_on_an_export(tmp_path, bible_data, capsys):
 
 @pytest.mark.slow
 def test_cli_on_a_trained_run_directory(tmp_path, bible_data, capsys):
-    """A real run directory (recipe.yaml + sharded checkpoint): data and batch size come from its recipe."""
+    """A real run directory (recipe.yaml + sharded checkpoint): data, batch size and batch count come
+    from its recipe, and the loss at the trained depth is the trainer's logged validation loss."""
     from looptrain.cli import main
     from looptrain.config import load_recipe
     from looptrain.eval.load import load_model_for_eval, source_name
@@ -421,7 +432,8 @@ def test_cli_on_a_trained_run_directory(tmp_path, bible_data, capsys):
     recipe = load_recipe(os.path.join(root, "recipes/quickstart.yaml"), [
         f"data.dir={bible_data}", f"out_dir={tmp_path}", "name=tiny", f"model.vocab_size={VOCAB}",
         f"model.max_seq_len={SEQ}", "model.d_model=32", "model.n_heads=4", "model.core_layers=1", "model.loops=3",
-        "train.micro_batch_size=4", "train.steps=2", "train.val_every=0", "optim.schedule.warmup_steps=0",
+        "train.micro_batch_size=4", "train.steps=2", "train.val_every=2", "train.val_batches=3",
+        "optim.schedule.warmup_steps=0",
     ])
     assert main_worker(recipe) == exit_codes.OK
     capsys.readouterr()
@@ -433,9 +445,15 @@ def test_cli_on_a_trained_run_directory(tmp_path, bible_data, capsys):
     assert ckpt_recipe == recipe
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
 
-    assert main(["eval", recipe.run_dir, "--depths", "2..5", "--batches", "2", "--device", "cpu"]) == exit_codes.OK
+    assert main(["eval", recipe.run_dir, "--depths", "2..5", "--device", "cpu"]) == exit_codes.OK
     assert "| depth | tiny |" in capsys.readouterr().out
     (result,) = json.loads((tmp_path / "tiny" / "eval" / "results.json").read_text())
     assert result["depth"]["depths"] == [2, 3, 4, 5] and result["batch_size"] == 4
-    assert result["tokens"] == 2 * 4 * SEQ and result["recipe"]["supervision"] == "per_loop"
+    assert result["tokens"] == 3 * 4 * SEQ and result["recipe"]["supervision"] == "per_loop"
+    with open(tmp_path / "tiny" / "metrics.jsonl") as f:
+        logged = [json.loads(line) for line in f if "val/loss/3" in line]
+    assert [row["step"] for row in logged] == [2]
+    for depth in (2, 3):
+        got = result["depth"]["loss"][result["depth"]["depths"].index(depth)]
+        assert got == pytest.approx(logged[0][f"val/loss/{depth}"], rel=1e-5)
     assert result["exits"]["depth"] == 3 and result["diagnostics"] is None

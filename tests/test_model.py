@@ -226,6 +226,26 @@ def test_scale_visible_readouts_pass_a_radial_gradient(readout):
     assert min(exit_radial_cosines(readout)) > 1e-3
 
 
+def test_norm_penalty_gives_the_objective_a_radial_gradient_behind_rmsnorm():
+    """The whole objective (per-loop CE + penalty) w.r.t. the last loop's state, which feeds
+    only its exit and the penalty: no radial share without the penalty, a clear one with the
+    paper's lambda = 0.01 (small at init, where mean(h^2) ~ 1e-3 makes the penalty's pull weak)."""
+    from looptrain.config.schema import NormPenaltyConfig, ObjectiveConfig
+    from looptrain.objectives import compute_objective
+
+    model = make(readout="rmsnorm", loops=3, norm_eps=1e-12).double()
+    x = tokens()
+    out = model(x)
+    cosines = {}
+    for weight in (0.0, 0.01):
+        cfg = ObjectiveConfig(norm_penalty=NormPenaltyConfig(weight=weight))
+        loss = compute_objective(out.states, out.features, model.head_weight, x, cfg).loss
+        (grad,) = torch.autograd.grad(loss, out.states[-1], retain_graph=True)
+        cosines[weight] = token_radial_cosine(grad, out.states[-1]).item()
+    assert cosines[0.0] < 1e-6
+    assert cosines[0.01] > 1e-4 and cosines[0.01] > 100 * cosines[0.0]
+
+
 def test_final_only_readout_is_blind_only_at_the_last_exit():
     *intermediate, last = exit_radial_cosines("final_only")
     assert min(intermediate) > 1e-3
@@ -399,3 +419,6 @@ def test_flops_scale_with_depth_sequence_and_truncation():
     # Attention grows with T in every attention layer (1 prelude + 4 loops * (2 core + 1 coda)).
     extra = model.flops_per_token(depth=4, seq_len=16) - model.flops_per_token(depth=4, seq_len=8)
     assert extra == pytest.approx(3 * 4 * 8 * 16 * (1 + 4 * 3))
+    # Terminal supervision reads the head at the last exit only.
+    head = 2 * model.head_weight.numel()
+    assert model.flops_per_token(depth=4) - model.flops_per_token(depth=4, exits=1) == pytest.approx(3 * 3 * head)

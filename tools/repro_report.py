@@ -482,7 +482,7 @@ def summarise(condition: Condition, runs: list[RunOutcome], loops: int) -> Condi
 
 
 def _policy_order(policy: str) -> int:
-    order = ("fixed", "max_prob", "margin", "entropy", "kl", "gate")
+    order = ("fixed", "max_prob", "margin", "logit_margin", "entropy", "kl", "gate")
     return order.index(policy) if policy in order else len(order)
 
 

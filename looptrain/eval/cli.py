@@ -49,7 +49,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="prepared dataset (default: each run's recipe data.dir)")
     parser.add_argument("--depths", default=None,
                         help="inference depths: 8 (= 1..8), 2..16 or 1,2,4,8 (default: 1..2K, K = trained loops)")
-    parser.add_argument("--batches", type=int, default=20, help="validation batches per run (default 20)")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="validation batches per run (default: the recipe's train.val_batches, else 20), "
+                        "the same batches the trainer validates on")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="sequences per batch (default: the recipe's micro_batch_size, else 8)")
     parser.add_argument("--out", default=None,

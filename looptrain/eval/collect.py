@@ -33,7 +33,7 @@ from looptrain.train_module import split_batch
 
 # Confidence scores kept per token and exit; each lies in [0, 1] and larger
 # means "more ready to stop" (see looptrain.eval.exits for their use).
-SCORES = ("max_prob", "margin", "entropy", "kl")
+SCORES = ("max_prob", "margin", "logit_margin", "entropy", "kl")
 DEFAULT_CHUNK_TOKENS = 4096
 
 
@@ -91,16 +91,21 @@ def autocast_context(device: torch.device, precision: str):
 def chunk_scores(logp: Tensor, prev_logp: Optional[Tensor]) -> dict[str, Tensor]:
     """Confidences of one exit for a chunk of tokens, from fp32 log-probabilities (n, V).
 
-    max_prob: p_top1.
-    margin:   p_top1 - p_top2.
-    entropy:  1 - H(p) / ln V (1 = one-hot, 0 = uniform).
-    kl:       exp(-KL(p_k || p_{k-1})): 1 when this exit agrees with the previous
-              one; 0 at the first exit, which has nothing to agree with.
+    max_prob:     p_top1.
+    margin:       p_top1 - p_top2.
+    logit_margin: 1 - exp(-(z_top1 - z_top2)) = 1 - p_top2 / p_top1, monotone in
+                  the logit margin z_top1 - z_top2 (which, unlike the probability
+                  margin, keeps growing with the scale of the logits).
+    entropy:      1 - H(p) / ln V (1 = one-hot, 0 = uniform).
+    kl:           exp(-KL(p_k || p_{k-1})): 1 when this exit agrees with the previous
+                  one; 0 at the first exit, which has nothing to agree with.
     """
     p = logp.exp()
     vocab = logp.shape[-1]
-    top = p.topk(min(2, vocab), dim=-1).values
+    top_logp = logp.topk(min(2, vocab), dim=-1).values  # log-softmax differences are logit differences
+    top = top_logp.exp()
     second = top[:, 1] if vocab > 1 else torch.zeros_like(top[:, 0])
+    logit_margin = top_logp[:, 0] - top_logp[:, 1] if vocab > 1 else torch.full_like(top[:, 0], math.inf)
     entropy = -(p * logp).sum(dim=-1)
     log_vocab = math.log(vocab) if vocab > 1 else 1.0
     if prev_logp is None:
@@ -111,6 +116,7 @@ def chunk_scores(logp: Tensor, prev_logp: Optional[Tensor]) -> dict[str, Tensor]
     return {
         "max_prob": top[:, 0],
         "margin": top[:, 0] - second,
+        "logit_margin": 1.0 - torch.exp(-logit_margin),
         "entropy": (1.0 - entropy / log_vocab).clamp(0.0, 1.0),
         "kl": kl_conf,
     }

@@ -16,7 +16,10 @@ Threshold semantics (the same for every policy)
 
     fixed     c_k = k / E: exit at depth ceil(threshold * E) for every token.
     max_prob  c_k = p_top1 of exit k.
-    margin    c_k = p_top1 - p_top2 (the logit margin in probability).
+    margin    c_k = p_top1 - p_top2 (the margin in probability).
+    logit_margin
+              c_k = 1 - exp(-(z_top1 - z_top2)): exits when the logit margin
+              z_top1 - z_top2 >= -ln(1 - threshold).
     entropy   c_k = 1 - H(p_k) / ln V; exits when H(p_k) <= (1 - threshold) ln V.
     kl        c_k = exp(-KL(p_k || p_{k-1})), c_1 = 0; exits when successive exits
               agree: KL <= -ln(threshold).
@@ -42,7 +45,7 @@ from looptrain.eval.collect import ExitData
 from looptrain.eval.depth import perplexity
 from looptrain.objectives import exit_distribution
 
-POLICIES = ("fixed", "max_prob", "margin", "entropy", "kl", "gate")
+POLICIES = ("fixed", "max_prob", "margin", "logit_margin", "entropy", "kl", "gate")
 DEFAULT_TOLERANCE = 0.01
 SWEEP_POINTS = 48
 

@@ -104,7 +104,7 @@ def evaluate_run(
     path: str | os.PathLike,
     data_dir: Optional[str | os.PathLike] = None,
     depths: Optional[Sequence[int]] = None,
-    batches: int = DEFAULT_BATCHES,
+    batches: Optional[int] = None,
     *,
     batch_size: Optional[int] = None,
     name: Optional[str] = None,
@@ -112,8 +112,9 @@ def evaluate_run(
 ) -> dict:
     """Load an export / checkpoint / run directory and evaluate it on its validation data.
 
-    data_dir defaults to the recipe's data.dir; batch_size to the recipe's
-    train.micro_batch_size (8 without a recipe). Other keyword options go to
+    data_dir defaults to the recipe's data.dir; batches to the recipe's
+    train.val_batches and batch_size to its train.micro_batch_size (the
+    trainer's validation batches; 20 x 8 without a recipe). Other keyword options go to
     `evaluate_model` (exit_depth, tolerance, diagnostics, device, precision,
     chunk_tokens).
     """
@@ -123,6 +124,8 @@ def evaluate_run(
         raise EvalError(f"{path}: no recipe says which data it was trained on; pass --data DIR (a prepared dataset)")
     if batch_size is None:
         batch_size = recipe.train.micro_batch_size if recipe is not None else DEFAULT_BATCH_SIZE
+    if batches is None:
+        batches = recipe.train.val_batches if recipe is not None else DEFAULT_BATCHES
     eval_batches = load_eval_batches(data, model.cfg, batches, batch_size)
     result = evaluate_model(model, eval_batches, depths, name=name or source_name(path), **options)
     result.update({"path": str(path), "data_dir": str(data), "batch_size": batch_size})
