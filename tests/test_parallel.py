@@ -215,6 +215,14 @@ def test_activation_checkpointing_changes_no_loss(fp32_reference):
         assert_close(got, fp32_reference, 1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(fp32_reference):
+    """parallel.compile: each block through torch.compile (inductor, C++ on CPU); fusion may
+    reorder floating-point sums, hence a tolerance above the fp32 backends' 1e-5."""
+    got = reference({"parallel": {"compile": True}})
+    assert_close(got, fp32_reference, 1e-4)
+
+
 def test_bf16_autocast_stays_near_fp32(fp32_reference):
     got = reference({"train": {"precision": "bf16"}})
     assert_close(got, fp32_reference, BF16_LOSS_TOL, norm_tol=BF16_NORM_TOL)
@@ -383,6 +391,16 @@ def test_deepspeed_matches_single_process(tmp_path, deepspeed_comm_op, stage, ex
     written = json.loads((tmp_path / "runs" / "parallel-test" / "deepspeed_config.json").read_text())
     assert written["zero_optimization"]["stage"] == stage
     assert written["optimizer"]["params"]["torch_adam"] is True
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_stays_near_fp32(tmp_path, deepspeed_comm_op, fp32_reference):
+    overrides = deep_merge(HALF, {"parallel": {"backend": "deepspeed", "zero_stage": 2},
+                                  "train": {"precision": "bf16"}})
+    got = run_ranks(tmp_path, overrides)
+    assert_close(got, fp32_reference, BF16_LOSS_TOL, norm_tol=BF16_NORM_TOL)
+    written = json.loads((tmp_path / "runs" / "parallel-test" / "deepspeed_config.json").read_text())
+    assert written["bf16"]["enabled"] is True
 
 
 # ------------------------------------------------- end to end through the CLI
