@@ -64,8 +64,11 @@ def format_info(recipe) -> str:
     lines.append(f"{'part':<12}{'parameters':>16}")
     for part in ("embeddings", "prelude", "core", "coda", "head", "other", "total"):
         lines.append(f"{part:<12}{counts.get(part, 0):>16,}")
-    flops = model.flops_per_token(depth=m.loops, seq_len=m.max_seq_len, training=True)
-    fwd = model.flops_per_token(depth=m.loops, seq_len=m.max_seq_len, training=False)
+    o = recipe.objective
+    exits = 1 if o.supervision == "terminal" else None
+    flops = model.flops_per_token(depth=m.loops, seq_len=m.max_seq_len, training=True,
+                                  backprop_loops=o.backprop_loops, exits=exits)
+    fwd = model.flops_per_token(depth=m.loops, seq_len=m.max_seq_len, training=False, exits=exits)
     lines.append("")
     lines.append(
         f"model FLOPs per token at depth {m.loops}: {flops / 1e9:.3f} GFLOP training (fwd+bwd), "
