@@ -891,7 +891,8 @@ def render_report(ctx: ReportContext, summaries: list[ConditionSummary], verdict
     lines += _table(["condition", *[f"{p} (%)" for p in policies]], rows)
     lines += [
         "", "`fixed` exits every token at the same loop; the others per token on the top-1 probability (`max_prob`), "
-        "top-1 minus top-2 (`margin`), normalised entropy (`entropy`) or agreement with the previous exit (`kl`).",
+        "top-1 minus top-2 probability (`margin`), top-1 minus top-2 logit (`logit_margin`), normalised entropy "
+        "(`entropy`) or agreement with the previous exit (`kl`).",
         "", "### Every run", "",
     ]
     rows = []
@@ -940,7 +941,7 @@ def render_report(ctx: ReportContext, summaries: list[ConditionSummary], verdict
         "already as good as its last saves loops under every policy without any exit being clever.",
         "- Short runs: the conditions start from different losses (training table: the paper's initialisers, tied "
         "N(0, 1) embeddings, make the first logits large, the more so through a raw readout) and some still fell "
-        "faster than others when they stopped, so a perplexity ordering after a few hundred steps need not hold "
+        f"faster than others when they stopped, so a perplexity ordering after {sc.steps} steps need not hold "
         "after 25k.",
         "",
         "Raw numbers of every run: `results.json` next to this file.",
