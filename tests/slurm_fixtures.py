@@ -63,11 +63,13 @@ class SlurmCluster:
         out = self.run("sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id)).stdout.split()
         return out[0] if out else ""
 
-    def wait_for_job_state(self, job_id: str, wanted: str, timeout_s: float = 30) -> None:
+    def wait_for_job_state(self, job_id: str, wanted: str, timeout_s: float = 120) -> None:
         """Wait until sacct reports `wanted` (e.g. COMPLETED) for a job.
 
         slurmctld forwards job records to slurmdbd asynchronously: sacct can still say
-        PENDING for a second or two after the job's result file exists.
+        PENDING for a second or two after the job's result file exists, and the job's
+        processes are still exiting (interpreter and process-group teardown), which on
+        a loaded 2-core machine can take tens of seconds. The limit only bounds a hang.
         """
         deadline = time.monotonic() + timeout_s
         state = self.job_state(job_id)

@@ -597,7 +597,7 @@ def test_sweep_runs_as_a_job_array_and_status_reports_each_run(slurm_cluster, ti
     record = json.loads((sweep_dir / records.SWEEP_FILE).read_text())
     array = record["array_job_id"]
     assert [r["job_id"] for r in record["runs"]] == [f"{array}_{i}" for i in range(4)]
-    rows = {r.name: r for r in wait_until_done(sweep_dir, timeout_s=200)}
+    rows = {r.name: r for r in wait_until_done(sweep_dir, timeout_s=300)}
     assert list(rows) == ["rmsnorm-seed3", "raw-seed3", "final-only-seed3", "halts-seed3"]
 
     for name in ("rmsnorm-seed3", "raw-seed3", "final-only-seed3"):
