@@ -453,16 +453,20 @@ def _free_port() -> int:
     ("nproc", ["parallel.backend=fsdp2"]),
     ("nproc", ["parallel.backend=deepspeed", "parallel.zero_stage=3"]),
     ("deepspeed", ["parallel.backend=deepspeed", "parallel.zero_stage=2"]),
-], ids=["nproc-fsdp2", "nproc-deepspeed-zero3", "deepspeed-launcher-zero2"])
+    ("torchrun", ["parallel.backend=fsdp2"]),
+], ids=["nproc-fsdp2", "nproc-deepspeed-zero3", "deepspeed-launcher-zero2", "torchrun-fsdp2"])
 def test_two_ranks_through_the_cli_train_like_one_process(
     tmp_path, bible_data, single_process_run, deepspeed_comm_op, launcher, backend
 ):
-    """`looptrain train --nproc 2`, and DeepSpeed's own launcher, on real text: the same logged
+    """`looptrain train --nproc 2`, torchrun and DeepSpeed's own launcher, on real text: the same logged
     losses, grad norms and validation losses as one process with the same global batch, and a
     final checkpoint."""
     args = ["train", *e2e_args(bible_data, tmp_path, "name=two", "train.micro_batch_size=4", *backend)]
     if launcher == "nproc":
         cmd = [sys.executable, "-m", "looptrain.cli", *args, "--nproc", "2"]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(_free_port()), "-m", "looptrain.cli", *args]
     else:  # runs `python -m looptrain.cli --local_rank=N train ...` per rank
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                "--master_port", str(_free_port()), "--module", "looptrain.cli", *args]
