@@ -4,7 +4,6 @@ extrapolation, causality and FLOP accounting."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 
 import pytest

@@ -1,6 +1,5 @@
 """Per-exit losses: chunking is exact, weights and gates combine exits as documented."""
 
-import math
 
 import pytest
 import torch

@@ -72,6 +72,60 @@ class ModelConfig:
     def mlp_hidden(self) -> int:
         return int(self.mlp_ratio * self.d_model)
 
+    def validate(self) -> None:
+        """Reject model configs that cannot build or cannot learn, naming the key and the fix.
+
+        Called for every recipe and again by the model's constructor, so that a
+        config built in code gets the same messages as one read from YAML.
+        """
+
+        def bad(key: str, why: str) -> None:
+            raise RecipeError(f"model.{key}: {why}")
+
+        for key in ("vocab_size", "d_model", "n_heads", "max_seq_len"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.loops < 1:
+            bad("loops", f"the loop count must be >= 1, got {self.loops}")
+        if self.core_layers < 1:
+            bad("core_layers", f"the looped core needs at least one layer, got {self.core_layers}")
+        if self.prelude_layers < 0 or self.coda_layers < 0:
+            bad("prelude_layers/coda_layers", "must be >= 0")
+        if self.d_model % self.n_heads:
+            bad("n_heads", f"{self.n_heads} heads do not divide d_model={self.d_model}; pick a divisor of d_model")
+        if self.positions == "rope" and self.head_dim % 2:
+            bad("positions", f"rope needs an even head dimension, got d_model/n_heads={self.head_dim}")
+        if self.mlp_hidden < 1:
+            bad("mlp_ratio", f"gives a SwiGLU hidden width of {self.mlp_hidden}; use a larger ratio")
+        if not 0.0 <= self.dropout < 1.0:
+            bad("dropout", f"must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.alpha_init <= 1.0:
+            bad("alpha_init", f"must be in [0, 1], got {self.alpha_init}")
+        if self.init_std <= 0:
+            bad("init_std", f"must be > 0, got {self.init_std}")
+        for key, allowed in _MODEL_CHOICES.items():
+            if getattr(self, key) not in allowed:
+                bad(key, f"unknown value {getattr(self, key)!r}; use one of {', '.join(allowed)}")
+        if self.initial_state != "embeddings" and self.injection == "none":
+            bad(
+                "injection",
+                f"with initial_state={self.initial_state} and no injection the tokens never reach the core; "
+                "set model.injection to add, concat or contractive, or model.initial_state=embeddings",
+            )
+
+
+# Checked again at run time: a ModelConfig built in code bypasses the loader's Literal checks.
+_MODEL_CHOICES = {
+    "norm": ("rmsnorm", "layernorm"),
+    "block_style": ("prenorm", "sandwich"),
+    "positions": ("learned", "rope"),
+    "injection": ("none", "add", "concat", "contractive"),
+    "initial_state": ("embeddings", "zeros", "noise"),
+    "readout": ("rmsnorm", "raw", "final_only", "alpha"),
+    "recurrence": ("residual", "rmsnorm", "contractive"),
+    "init": ("normal", "torch_default"),
+}
+
 
 # ------------------------------------------------------------------- objective
 
@@ -292,25 +346,7 @@ class Recipe:
         def bad(key: str, why: str) -> None:
             raise RecipeError(f"{key}: {why}")
 
-        for key in ("vocab_size", "d_model", "n_heads", "max_seq_len"):
-            if getattr(m, key) < 1:
-                bad(f"model.{key}", f"must be >= 1, got {getattr(m, key)}")
-        if m.loops < 1:
-            bad("model.loops", f"the loop count must be >= 1, got {m.loops}")
-        if m.core_layers < 1:
-            bad("model.core_layers", f"the looped core needs at least one layer, got {m.core_layers}")
-        if m.prelude_layers < 0 or m.coda_layers < 0:
-            bad("model.prelude_layers/coda_layers", "must be >= 0")
-        if m.d_model % m.n_heads:
-            bad("model.n_heads", f"{m.n_heads} heads do not divide d_model={m.d_model}; pick a divisor of d_model")
-        if m.positions == "rope" and m.head_dim % 2:
-            bad("model.positions", f"rope needs an even head dimension, got d_model/n_heads={m.head_dim}")
-        if m.mlp_ratio <= 0:
-            bad("model.mlp_ratio", f"must be > 0, got {m.mlp_ratio}")
-        if not 0.0 <= m.dropout < 1.0:
-            bad("model.dropout", f"must be in [0, 1), got {m.dropout}")
-        if not 0.0 <= m.alpha_init <= 1.0:
-            bad("model.alpha_init", f"must be in [0, 1], got {m.alpha_init}")
+        m.validate()
 
         if o.supervision == "exit_gated" and not m.exit_gate:
             bad("objective.supervision", "exit_gated needs a learned exit gate: set model.exit_gate=true")
@@ -360,11 +396,6 @@ class Recipe:
             bad("checkpoint.keep_last", "must be >= 1 so that a run can always resume")
         if not self.name or "/" in self.name:
             bad("name", f"a run name must be non-empty without '/', got {self.name!r}")
-        # The model's own build-time checks (choices, shapes, injection vs initial
-        # state), so that a recipe that loads is a recipe that builds.
-        from looptrain.model.looped_lm import check_model_config
-
-        check_model_config(m)
         return self
 
 

@@ -2,6 +2,6 @@
 architectural scale controls (readout, recurrence, injection). Knows nothing of
 parallelism, data or losses."""
 
-from looptrain.model.looped_lm import LoopedLM, LoopOutput, build_model, check_model_config
+from looptrain.model.looped_lm import LoopedLM, LoopOutput, build_model
 
-__all__ = ["LoopedLM", "LoopOutput", "build_model", "check_model_config"]
+__all__ = ["LoopedLM", "LoopOutput", "build_model"]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looptrain.config.schema import ModelConfig, RecipeError
+from looptrain.config.schema import ModelConfig
 from looptrain.model import accounting
 from looptrain.model.block import TransformerBlock
 from looptrain.model.core import LoopCore
@@ -41,47 +41,6 @@ class LoopOutput:
     gate_logits: Optional[list[torch.Tensor]]
 
 
-def check_model_config(cfg: ModelConfig) -> None:
-    """Reject model configs that cannot build or cannot learn, naming the key and the fix."""
-
-    def bad(key: str, why: str) -> None:
-        raise RecipeError(f"model.{key}: {why}")
-
-    for key in ("vocab_size", "d_model", "n_heads", "max_seq_len", "core_layers", "loops"):
-        if getattr(cfg, key) < 1:
-            bad(key, f"must be >= 1, got {getattr(cfg, key)}")
-    if cfg.prelude_layers < 0 or cfg.coda_layers < 0:
-        bad("prelude_layers/coda_layers", "must be >= 0")
-    if cfg.d_model % cfg.n_heads:
-        bad("n_heads", f"{cfg.n_heads} heads do not divide d_model={cfg.d_model}; pick a divisor of d_model")
-    if cfg.positions == "rope" and cfg.head_dim % 2:
-        bad("positions", f"rope needs an even head dimension, got d_model/n_heads={cfg.head_dim}")
-    if cfg.mlp_hidden < 1:
-        bad("mlp_ratio", f"gives a SwiGLU hidden width of {cfg.mlp_hidden}; use a larger ratio")
-    if not 0.0 <= cfg.dropout < 1.0:
-        bad("dropout", f"must be in [0, 1), got {cfg.dropout}")
-    if cfg.init_std <= 0:
-        bad("init_std", f"must be > 0, got {cfg.init_std}")
-    choices = {
-        "norm": ("rmsnorm", "layernorm"),
-        "block_style": ("prenorm", "sandwich"),
-        "positions": ("learned", "rope"),
-        "injection": ("none", "add", "concat", "contractive"),
-        "initial_state": ("embeddings", "zeros", "noise"),
-        "readout": ("rmsnorm", "raw", "final_only", "alpha"),
-        "recurrence": ("residual", "rmsnorm", "contractive"),
-    }
-    for key, allowed in choices.items():
-        if getattr(cfg, key) not in allowed:
-            bad(key, f"unknown value {getattr(cfg, key)!r}; use one of {', '.join(allowed)}")
-    if cfg.initial_state != "embeddings" and cfg.injection == "none":
-        bad(
-            "injection",
-            f"with initial_state={cfg.initial_state} and no injection the tokens never reach the core; "
-            "set model.injection to add, concat or contractive, or model.initial_state=embeddings",
-        )
-
-
 def init_scheme(cfg: ModelConfig) -> str:
     """The recipe's `model.init` (normal | torch_default); `normal` where the schema has no such key."""
     return getattr(cfg, "init", "normal")
@@ -90,7 +49,7 @@ def init_scheme(cfg: ModelConfig) -> str:
 class LoopedLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        check_model_config(cfg)
+        cfg.validate()
         self.cfg = cfg
         d = cfg.d_model
         self.tok_embed = nn.Embedding(cfg.vocab_size, d)
