@@ -1,6 +1,5 @@
 """Per-exit losses: chunking is exact, weights and gates combine exits as documented."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F
