@@ -8,7 +8,6 @@ quickly.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from looptrain import exit_codes

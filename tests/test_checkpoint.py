@@ -459,7 +459,6 @@ def test_halted_run_is_not_resumed_without_force_or_a_changed_recipe(dataset, tm
 def test_resume_path_must_exist_and_be_valid(dataset, tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint here"):
         build_trainer(make_recipe(dataset, tmp_path, f"checkpoint.resume={tmp_path / 'nowhere'}"))
-    recipe = make_recipe(dataset, tmp_path, "train.steps=1")
     assert build_trainer(make_recipe(dataset, tmp_path, "checkpoint.resume=none")).state.step == 0
 
 

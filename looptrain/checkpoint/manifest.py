@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from looptrain.checkpoint.errors import CheckpointError
-from looptrain.checkpoint.layout import MANIFEST_FILE, fsync_dir
+from looptrain.checkpoint.layout import MANIFEST_FILE
+from looptrain.fileio import write_text_atomic
 
 MANIFEST_FORMAT = "looptrain-checkpoint"
 MANIFEST_VERSION = 1
@@ -74,14 +75,7 @@ def write_manifest(directory: str | os.PathLike, info: dict[str, Any]) -> dict[s
         "committed_unix_time": time.time(),
         "files": describe_files(directory),
     }
-    tmp = directory / f".{MANIFEST_FILE}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST_FILE)
-    fsync_dir(directory)
+    write_text_atomic(directory / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     return manifest
 
 

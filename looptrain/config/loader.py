@@ -24,6 +24,7 @@ from typing import Any, Iterable, Literal, Union, get_args, get_origin
 import yaml
 
 from looptrain.config.schema import Recipe, RecipeError
+from looptrain.fileio import write_text_atomic
 
 
 # ------------------------------------------------------------------ YAML files
@@ -240,11 +241,7 @@ def save_resolved(recipe: Recipe, run_dir: str) -> str:
     """Write the fully resolved recipe into the run directory (atomically)."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "recipe.yaml")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(f"# resolved looptrain recipe (hash {recipe_hash(recipe)})\n")
-        f.write(recipe_to_yaml(recipe))
-    os.replace(tmp, path)
+    write_text_atomic(path, f"# resolved looptrain recipe (hash {recipe_hash(recipe)})\n" + recipe_to_yaml(recipe))
     return path
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Any, Optional
 
 from looptrain.exit_codes import HALTED
+from looptrain.fileio import write_text_atomic
 from looptrain.monitor.jsonsafe import json_safe
 from looptrain.monitor.rules import MonitorEvent
 
@@ -49,18 +49,7 @@ def write_halt_record(run_dir: str, event: MonitorEvent, step: int, extra: Optio
         "extra": extra or {},
     }
     path = os.path.join(run_dir, HALT_FILE)
-    fd, tmp = tempfile.mkstemp(prefix=".HALTED.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(json_safe(record), f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(json_safe(record), indent=2, allow_nan=False) + "\n")
     return path
 
 
