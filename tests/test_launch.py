@@ -665,3 +665,16 @@ def test_cancel_stops_a_running_job_and_it_does_not_requeue(slurm_cluster, tiny_
     assert [a.outcome for a in ends] == ["cancelled"] and ends[0].exit_code == exit_codes.PREEMPTED
     time.sleep(3)  # a requeued job would be back in the queue by now
     assert slurm_cluster.run("squeue", "-h", "-j", job).stdout.strip() == ""
+
+
+@pytest.mark.parametrize("loader, kind", [(load_profile, "cluster profile"), (load_sweep, "sweep file")])
+def test_profile_and_sweep_files_report_yaml_problems_in_one_line(tmp_path, loader, kind):
+    path = tmp_path / "x.yaml"
+    with pytest.raises(LaunchError, match=f"{kind} not found"):
+        loader(str(path))
+    path.write_text("runs: [1\n")
+    with pytest.raises(LaunchError, match=r"x\.yaml: line 2, column 1: malformed YAML"):
+        loader(str(path))
+    path.write_text("- 1\n")
+    with pytest.raises(LaunchError, match=f"a {kind} must be a YAML mapping"):
+        loader(str(path))

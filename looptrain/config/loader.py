@@ -30,9 +30,13 @@ from looptrain.fileio import write_text_atomic
 # ------------------------------------------------------------------ YAML files
 
 
-def _read_yaml(path: str) -> dict:
+def read_yaml_mapping(path: str, *, kind: str, missing_hint: str, error: type[Exception] = RecipeError) -> dict:
+    """A YAML file that must hold a mapping (an empty file is {}): recipes, cluster profiles, sweeps.
+
+    Every failure is one `error` naming the file, and the line and column of a syntax error.
+    """
     if not os.path.isfile(path):
-        raise RecipeError(f"{path}: recipe file not found; check the path (recipes live under recipes/)")
+        raise error(f"{path}: {kind} not found; {missing_hint}")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -40,12 +44,16 @@ def _read_yaml(path: str) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise RecipeError(f"{path}:{where}: malformed YAML ({problem}); fix the syntax there") from None
+        raise error(f"{path}:{where}: malformed YAML ({problem}); fix the syntax there") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+        raise error(f"{path}: a {kind} must be a YAML mapping of keys, got {type(data).__name__}")
     return data
+
+
+def _read_yaml(path: str) -> dict:
+    return read_yaml_mapping(path, kind="recipe file", missing_hint="check the path (recipes live under recipes/)")
 
 
 def deep_merge(base: dict, top: dict) -> dict:

@@ -16,8 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import yaml
-
+from looptrain.config.loader import read_yaml_mapping
 from looptrain.config.schema import RecipeError
 
 
@@ -203,13 +202,6 @@ def profile_from_dict(data: dict[str, Any], source: Optional[str] = None) -> Clu
 def load_profile(path: str | os.PathLike) -> ClusterProfile:
     """Read and check a cluster profile file (see slurm/local.yaml)."""
     path = str(path)
-    if not os.path.isfile(path):
-        raise LaunchError(f"{path}: cluster profile not found; profiles live under slurm/ (e.g. slurm/local.yaml)")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise LaunchError(f"{path}:{where}: malformed YAML; fix the syntax there") from None
-    return profile_from_dict({} if data is None else data, source=path)
+    data = read_yaml_mapping(path, kind="cluster profile", error=LaunchError,
+                             missing_hint="profiles live under slurm/ (e.g. slurm/local.yaml)")
+    return profile_from_dict(data, source=path)

@@ -33,6 +33,7 @@ from typing import Any, Optional
 import yaml
 
 from looptrain.config import Recipe, RecipeError, load_recipe
+from looptrain.config.loader import read_yaml_mapping
 from looptrain.launch import records
 from looptrain.launch.profile import ClusterProfile, LaunchError, load_profile
 
@@ -104,15 +105,8 @@ def grid_points(grid: dict[str, list[Any]]) -> list[list[tuple[str, Any]]]:
 def load_sweep(path: str, cli_overrides: list[str] = (), *, workdir: Optional[str] = None) -> Sweep:
     """Read, expand and validate a sweep file; every run's recipe is loaded and checked."""
     workdir = workdir or os.getcwd()
-    if not os.path.isfile(path):
-        raise LaunchError(f"{path}: sweep file not found")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError:
-        raise LaunchError(f"{path}: malformed YAML; fix the syntax there") from None
-    if not isinstance(data, dict):
-        raise LaunchError(f"{path}: a sweep file must be a YAML mapping")
+    data = read_yaml_mapping(path, kind="sweep file", error=LaunchError,
+                             missing_hint="check the path (examples live under slurm/sweeps/)")
     for key in data:
         if key not in SWEEP_KEYS:
             raise _unknown(key, SWEEP_KEYS, path)
