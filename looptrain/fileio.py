@@ -9,6 +9,7 @@ sees the old content or the new, never a part.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -44,3 +45,23 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of an append-only .jsonl file, in file order.
+
+    Lines that are blank, cut short (a writer killed mid-line) or not an object
+    are skipped. A missing file raises FileNotFoundError for the caller to judge.
+    """
+    records = []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records

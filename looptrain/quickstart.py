@@ -9,7 +9,6 @@ validation perplexity per exit side by side.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -33,15 +32,15 @@ def recipe_dir() -> str:
 
 def last_metrics(run_dir: str) -> dict[str, float]:
     """The latest value of every metric in a run's metrics.jsonl."""
+    from looptrain.tracking import read_metrics
+
     merged: dict[str, float] = {}
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    try:
+        records = read_metrics(run_dir)
+    except FileNotFoundError:
         return merged
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                merged.update({k: v for k, v in json.loads(line).items() if isinstance(v, (int, float))})
+    for record in records:
+        merged.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
     return merged
 
 

@@ -1,6 +1,7 @@
 """A real single-process training run on real (Bible) text, and bad-input handling."""
 
 import json
+import math
 import os
 
 import pytest
@@ -77,3 +78,21 @@ def test_vocab_mismatch_names_both_sizes(tmp_path, bible_data, capsys):
     err = capsys.readouterr().err
     assert "512" in err and "100" in err
     assert not os.path.exists(os.path.join(tmp_path, "quickstart-blind-spot", "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_quickstart_prepares_trains_both_runs_and_prints_the_table(tmp_path, capsys):
+    """The main job end to end at a few steps: real corpus preparation, two real runs, the table."""
+    from looptrain.cli import main
+
+    code = main(["quickstart", "--steps", "4", "--out", str(tmp_path / "runs"), "--data", str(tmp_path / "data"),
+                 "train.micro_batch_size=4", "train.val_batches=2"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| quickstart-")}
+    assert set(rows) == {"quickstart-blind-spot", "quickstart-final-only"}
+    for line in rows.values():
+        cells = [float(c) for c in line.strip().strip("|").split("|")[1:]]
+        assert len(cells) == 8 and all(math.isfinite(c) and c > 0 for c in cells), line
+    assert "final-loop RMS, blind spot / controlled:" in out
+    assert (tmp_path / "data" / "dataset.json").is_file()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from looptrain.fileio import write_text_atomic
+from looptrain.fileio import read_jsonl, write_text_atomic
 
 LAUNCH_FILE = "launch.json"
 SWEEP_FILE = "sweep.json"
@@ -116,23 +116,12 @@ def append_attempt(run_dir: str | os.PathLike, **fields: Any) -> Attempt:
 
 def read_attempts(run_dir: str | os.PathLike, job_id: Optional[str] = None) -> list[Attempt]:
     """The attempt records of a run, oldest first (of one job when job_id is given)."""
-    path = attempts_path(run_dir)
-    records: list[Attempt] = []
     try:
-        with open(path) as f:
-            lines = f.readlines()
+        lines = read_jsonl(attempts_path(run_dir))  # skips a line cut by a killed writer
     except FileNotFoundError:
-        return records
-    for line in lines:
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a killed writer
-        if isinstance(data, dict):
-            record = Attempt.from_dict(data)
-            if job_id is None or record.job_id == str(job_id):
-                records.append(record)
-    return records
+        return []
+    records = [Attempt.from_dict(data) for data in lines]
+    return [r for r in records if job_id is None or r.job_id == str(job_id)]
 
 
 def count_requeues(attempts: Iterable[Attempt], kind: Optional[str] = None) -> int:

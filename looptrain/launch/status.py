@@ -10,7 +10,6 @@ Reading stays light (no torch import), so the command answers at once.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from looptrain.fileio import read_jsonl
 from looptrain.launch import records
 from looptrain.launch.profile import LaunchError
 
@@ -156,16 +156,11 @@ def summarize_metrics(run_dir: str | os.PathLike) -> MetricsSummary:
     """The last step, the final loop's norm/rms and norm/mean, the last val/loss at the final exit."""
     summary = MetricsSummary()
     try:
-        with open(Path(run_dir) / METRICS_FILE) as f:
-            lines = f.readlines()
+        records = read_jsonl(Path(run_dir) / METRICS_FILE)  # skips a line cut short by a killed writer
     except FileNotFoundError:
         return summary
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed writer
-        if not isinstance(record, dict) or "step" not in record:
+    for record in records:
+        if "step" not in record:
             continue
         summary.step = max(summary.step or 0, int(record["step"]))
         k = _final_loop(record, "norm/rms")

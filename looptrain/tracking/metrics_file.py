@@ -8,10 +8,11 @@ each step.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
+
+from looptrain.fileio import read_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"
@@ -25,23 +26,14 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: is {run_dir!r} a looptrain run directory?")
     by_step: dict[int, dict[str, Any]] = {}
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                # A run killed mid-write leaves a partial last line; skip it.
-                continue
-            if "step" not in record:
-                continue
-            step = int(record["step"])
-            merged = by_step.setdefault(step, {"step": step})
-            for key, value in record.items():
-                if key != "step":
-                    merged[key] = _to_float(value)
+    for record in read_jsonl(path):  # a run killed mid-write leaves a partial last line: skipped
+        if "step" not in record:
+            continue
+        step = int(record["step"])
+        merged = by_step.setdefault(step, {"step": step})
+        for key, value in record.items():
+            if key != "step":
+                merged[key] = _to_float(value)
     return [by_step[s] for s in sorted(by_step)]
 
 
