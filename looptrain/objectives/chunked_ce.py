@@ -34,22 +34,44 @@ from torch import Tensor
 IGNORE_INDEX = -100
 
 
+def _chunk_losses(x: Tensor, w: Tensor, targets: Tensor, valid: Tensor, acc: torch.dtype):
+    """One chunk's logits (in the accumulation dtype), log-sum-exp and per-token CE (0 where no target)."""
+    logits = (x @ w.t()).to(acc)
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1)
+    return logits, lse, torch.where(valid, lse - picked, torch.zeros_like(lse))
+
+
+def _chunk_gradients(logits: Tensor, lse: Tensor, targets: Tensor, token_scale: Tensor, x: Tensor, w: Tensor,
+                     grad_x: Optional[Tensor], grad_w: Optional[Tensor]) -> None:
+    """Backpropagate token_scale_i * CE_i through one chunk (consumes `logits`).
+
+    d CE_i / d logits_i = softmax_i - onehot(target_i); the feature gradient is
+    written into `grad_x` (the chunk's rows), the head gradient added to `grad_w`.
+    """
+    grad_logits = logits.sub_(lse[:, None]).exp_()
+    grad_logits[torch.arange(logits.shape[0], device=logits.device), targets.clamp_min(0)] -= 1.0
+    grad_logits.mul_(token_scale[:, None])
+    grad_logits = grad_logits.to(x.dtype)
+    if grad_x is not None:
+        grad_x.copy_(grad_logits @ w)
+    if grad_w is not None:
+        grad_w.add_((grad_logits.t() @ x).to(grad_w.dtype))
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, features: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
         n = features.shape[0]
         acc = torch.promote_types(features.dtype, torch.float32)  # softmax in fp32 (fp64 stays fp64)
+        valid = targets != IGNORE_INDEX
         losses = torch.empty(n, dtype=acc, device=features.device)
         lse_all = torch.empty(n, dtype=acc, device=features.device)
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            logits = (features[start:stop] @ weight.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            tgt = targets[start:stop]
-            valid = tgt != IGNORE_INDEX
-            picked = logits.gather(1, tgt.clamp_min(0).unsqueeze(1)).squeeze(1)
-            losses[start:stop] = torch.where(valid, lse - picked, torch.zeros_like(lse))
-            lse_all[start:stop] = lse
+            _, lse_all[start:stop], losses[start:stop] = _chunk_losses(
+                features[start:stop], weight, targets[start:stop], valid[start:stop], acc
+            )
         ctx.save_for_backward(features, weight, targets, lse_all)
         ctx.chunk = chunk
         return losses
@@ -57,27 +79,19 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses: Tensor):
         features, weight, targets, lse_all = ctx.saved_tensors
-        chunk = ctx.chunk
+        chunk, n = ctx.chunk, features.shape[0]
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.empty_like(features) if need_x else None
         grad_w = torch.zeros(weight.shape, dtype=lse_all.dtype, device=weight.device) if need_w else None
-        for start in range(0, features.shape[0], chunk):
-            stop = min(start + chunk, features.shape[0])
+        valid = targets != IGNORE_INDEX
+        token_scale = torch.where(valid, grad_losses.to(lse_all.dtype), torch.zeros_like(lse_all))
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
             x = features[start:stop]
+            # The logits are recomputed here rather than kept from forward: one chunk alive at a time.
             logits = (x @ weight.t()).to(lse_all.dtype)
-            tgt = targets[start:stop]
-            valid = tgt != IGNORE_INDEX
-            # d loss_i / d logits_i = softmax_i - onehot(target_i), scaled by the upstream grad.
-            grad_logits = torch.exp(logits - lse_all[start:stop, None])
-            grad_logits[torch.arange(stop - start, device=x.device), tgt.clamp_min(0)] -= 1.0
-            g = grad_losses[start:stop].to(logits.dtype)
-            scale = torch.where(valid, g, torch.zeros_like(g))
-            grad_logits.mul_(scale[:, None])
-            grad_logits = grad_logits.to(x.dtype)
-            if need_x:
-                grad_x[start:stop] = grad_logits @ weight
-            if need_w:
-                grad_w.add_((grad_logits.t() @ x).to(grad_w.dtype))
+            _chunk_gradients(logits, lse_all[start:stop], targets[start:stop], token_scale[start:stop], x, weight,
+                             grad_x[start:stop] if need_x else None, grad_w)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return grad_x, grad_w, None, None
@@ -95,7 +109,6 @@ class _WeightedExitsCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(matmul_dtype, torch.float32)
         valid = targets != IGNORE_INDEX
         count = valid.sum().clamp_min(1).to(acc)
-        safe_targets = targets.clamp_min(0)
         need_x = [with_grads and ctx.needs_input_grad[6 + k] for k in range(len(features))]
         need_w = with_grads and ctx.needs_input_grad[0]
         grad_w = torch.zeros(weight.shape, dtype=acc, device=device) if need_w else None
@@ -104,27 +117,17 @@ class _WeightedExitsCrossEntropy(torch.autograd.Function):
         for k, feats in enumerate(features):
             x_all = feats.to(matmul_dtype)
             grad_x = torch.empty(feats.shape, dtype=matmul_dtype, device=device) if need_x[k] else None
-            scale = coeffs[k] / count
+            # d/dlogits of coeff * mean CE = coeff / count * (softmax - onehot) on valid tokens.
+            token_scale = valid.to(acc) * (coeffs[k] / count)
             ce_sum = torch.zeros((), dtype=acc, device=device)
             for start in range(0, n, chunk):
                 stop = min(start + chunk, n)
                 x = x_all[start:stop]
-                logits = (x @ w.t()).to(acc)
-                lse = torch.logsumexp(logits, dim=-1)
-                tgt = safe_targets[start:stop]
-                ok = valid[start:stop]
-                picked = logits.gather(1, tgt.unsqueeze(1)).squeeze(1)
-                ce_sum = ce_sum + torch.where(ok, lse - picked, torch.zeros_like(lse)).sum()
+                logits, lse, losses = _chunk_losses(x, w, targets[start:stop], valid[start:stop], acc)
+                ce_sum = ce_sum + losses.sum()
                 if need_x[k] or need_w:
-                    # d/dlogits of coeff * mean CE = coeff / count * (softmax - onehot) on valid tokens.
-                    grad_logits = logits.sub_(lse[:, None]).exp_()
-                    grad_logits[torch.arange(stop - start, device=device), tgt] -= 1.0
-                    grad_logits.mul_((ok.to(acc) * scale)[:, None])
-                    grad_logits = grad_logits.to(matmul_dtype)
-                    if need_x[k]:
-                        grad_x[start:stop] = grad_logits @ w
-                    if need_w:
-                        grad_w.add_((grad_logits.t() @ x).to(acc))
+                    _chunk_gradients(logits, lse, targets[start:stop], token_scale[start:stop], x, w,
+                                     grad_x[start:stop] if need_x[k] else None, grad_w)
             grads_x.append(grad_x)
             ce_sums.append(ce_sum)
         ce_per_exit = torch.stack(ce_sums) / count
