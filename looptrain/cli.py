@@ -54,6 +54,7 @@ def format_info(recipe) -> str:
 
     from looptrain.config import recipe_to_yaml
     from looptrain.model import build_model
+    from looptrain.objectives import head_exits
 
     with torch.device("meta"):
         model = build_model(recipe.model)
@@ -64,7 +65,7 @@ def format_info(recipe) -> str:
     for part in ("embeddings", "prelude", "core", "coda", "head", "other", "total"):
         lines.append(f"{part:<12}{counts.get(part, 0):>16,}")
     o = recipe.objective
-    exits = 1 if o.supervision == "terminal" else None
+    exits = head_exits(o)
     flops = model.flops_per_token(depth=m.loops, seq_len=m.max_seq_len, training=True,
                                   backprop_loops=o.backprop_loops, exits=exits)
     fwd = model.flops_per_token(depth=m.loops, seq_len=m.max_seq_len, training=False, exits=exits)

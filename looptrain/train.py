@@ -29,7 +29,7 @@ import torch
 from looptrain import exit_codes
 from looptrain.config import Recipe, RecipeError, recipe_hash, recipe_to_dict, save_resolved
 from looptrain.config.schema import check_world_size
-from looptrain.objectives import DepthSampler
+from looptrain.objectives import DepthSampler, head_exits
 from looptrain.optim import lr_at
 from looptrain.parallel import Backend, build_backend, init_distributed, shutdown_distributed
 from looptrain.parallel.env import DistEnv
@@ -154,10 +154,11 @@ class Trainer:
         # Model FLOPs per token of a step at each depth the sampler can draw; counted
         # on the bare model, because ZeRO-3 empties the partitioned parameters it wraps.
         o = recipe.objective
+        self.max_depth = o.depth.max or m.loops
         self.flops_by_depth = [
             model.flops_per_token(depth=d, seq_len=m.max_seq_len, backprop_loops=o.backprop_loops,
-                                  exits=1 if o.supervision == "terminal" else None)
-            for d in range((o.depth.max or m.loops) + 1)
+                                  exits=head_exits(o))
+            for d in range(self.max_depth + 1)
         ]
         if env.is_main:
             save_resolved(recipe, self.run_dir)
@@ -175,7 +176,6 @@ class Trainer:
                              micro_batch_size=t.micro_batch_size)
             if t.val_every > 0 else None
         )
-        self.max_depth = recipe.objective.depth.max or m.loops
         self.sampler = DepthSampler(recipe.objective.depth, m.loops, seed=t.seed)
         self.norms = LoopNormAccumulator(self.max_depth, m.d_model, env.device)
         self.monitor = NormMonitor(recipe.monitor, self.max_depth)

@@ -96,3 +96,27 @@ def test_quickstart_prepares_trains_both_runs_and_prints_the_table(tmp_path, cap
         assert len(cells) == 8 and all(math.isfinite(c) and c > 0 for c in cells), line
     assert "final-loop RMS, blind spot / controlled:" in out
     assert (tmp_path / "data" / "dataset.json").is_file()
+
+
+@pytest.mark.slow
+def test_mfu_counts_the_flops_of_the_depths_and_exits_run(tmp_path, bible_data):
+    """Terminal supervision at depths sampled from 1..4: MFU x peak / tokens/s is the model's FLOPs
+    per token at the window's mean depth with one head read per step (FLOPs are affine in depth)."""
+    import torch
+
+    from looptrain.model import build_model
+    from looptrain.train import main_worker
+
+    recipe = tiny(tmp_path, bible_data, "objective.supervision=terminal", "objective.depth.mode=uniform",
+                  "objective.depth.min=1", "objective.depth.max=4", "train.steps=10", "train.val_every=0",
+                  "train.peak_tflops=1")
+    assert main_worker(recipe) == exit_codes.OK
+    last = read_metrics(recipe.run_dir)[-1]
+    with torch.device("meta"):
+        model = build_model(recipe.model)
+    per_depth = {d: model.flops_per_token(depth=d, exits=1) for d in (1, 2)}
+    mean_depth = last["train/depth"]
+    assert 1 <= mean_depth <= 4 and mean_depth != 4  # the depth really was sampled
+    expected = per_depth[1] + (mean_depth - 1) * (per_depth[2] - per_depth[1])
+    assert last["perf/mfu"] * 1e12 == pytest.approx(expected * last["perf/tokens_per_s"], rel=1e-6)
+    assert last["perf/peak_mem_gb"] > 0

@@ -6,11 +6,12 @@ from looptrain.objectives.supervision import (
     ObjectiveResult,
     compute_objective,
     exit_distribution,
+    head_exits,
     mean_token_ce,
     norm_penalty,
 )
 
 __all__ = [
     "IGNORE_INDEX", "DepthSampler", "ObjectiveResult", "chunked_cross_entropy", "compute_objective",
-    "exit_distribution", "mean_token_ce", "norm_penalty", "weighted_exits_cross_entropy",
+    "exit_distribution", "head_exits", "mean_token_ce", "norm_penalty", "weighted_exits_cross_entropy",
 ]

@@ -40,6 +40,14 @@ def mean_token_ce(features: Tensor, head_weight: Tensor, targets: Tensor, chunk_
     return per_token.sum() / count
 
 
+def head_exits(cfg: ObjectiveConfig) -> Optional[int]:
+    """How many of the last exits the training loss reads through the LM head (None: every exit).
+
+    For FLOP accounting: terminal supervision pays the head once per step.
+    """
+    return 1 if cfg.supervision == "terminal" else None
+
+
 def norm_penalty(states: Sequence[Tensor], cfg: NormPenaltyConfig) -> Tensor:
     """weight * mean_k mean(h_k^2)  or  weight * mean_k mean_tokens (RMS(h_k) - target)^2.
 
