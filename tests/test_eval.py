@@ -52,21 +52,13 @@ def random_batches(n: int = 2, batch: int = 4, seq: int = 32, seed: int = 0) -> 
     return [torch.randint(0, VOCAB, (batch, seq + 1), generator=g) for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def streaming_env():
+    """The process-group variables mosaicml-streaming reads, for this module's loaders."""
     with pytest.MonkeyPatch.context() as mp:
         for key, value in STREAMING_ENV.items():
             mp.setenv(key, value)
         yield
-
-
-@pytest.fixture(scope="module")
-def bible_data(tmp_path_factory, streaming_env):
-    from looptrain.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("data") / "bible"
-    prepare_dataset("bible", out, vocab_size=VOCAB, seq_len=SEQ, progress=False)
-    return str(out)
 
 
 @pytest.fixture(scope="module")
