@@ -49,14 +49,9 @@ TRICKY = [
 @pytest.fixture(autouse=True)
 def single_process_env(monkeypatch):
     """Give each test the env streaming needs, restored afterwards."""
-    for key, value in {
-        "WORLD_SIZE": "1",
-        "LOCAL_WORLD_SIZE": "1",
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": "29500",
-    }.items():
+    from looptrain.data.loader import SINGLE_PROCESS_ENV
+
+    for key, value in SINGLE_PROCESS_ENV.items():
         monkeypatch.setenv(key, value)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from looptrain import exit_codes
 from looptrain.config.schema import ModelConfig, ObjectiveConfig
+from looptrain.data.loader import SINGLE_PROCESS_ENV
 from looptrain.eval.collect import ExitData, collect_exit_data
 from looptrain.eval.depth import evaluate_depths
 from looptrain.eval.diagnostics import radial_clamp_effect, radial_gradient_shares, run_loops
@@ -30,10 +31,6 @@ from looptrain.model import build_model
 from looptrain.train_module import LoopedLMTrainModule, split_batch
 
 VOCAB, SEQ = 512, 64
-STREAMING_ENV = {
-    "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
-    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
-}
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -56,7 +53,7 @@ def random_batches(n: int = 2, batch: int = 4, seq: int = 32, seed: int = 0) -> 
 def streaming_env():
     """The process-group variables mosaicml-streaming reads, for this module's loaders."""
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in STREAMING_ENV.items():
+        for key, value in SINGLE_PROCESS_ENV.items():
             mp.setenv(key, value)
         yield
 
