@@ -99,7 +99,10 @@ def cmd_quickstart(args) -> int:
 # --------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the command line `argv`, only the modules of the
+    commands named in it are imported (lazy for start-up time: `looptrain --help`
+    and argument errors answer without importing torch)."""
     parser = argparse.ArgumentParser(
         prog="looptrain",
         description="Train looped language models with per-loop supervision and hidden-state scale control.",
@@ -108,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the rank is read from LOCAL_RANK, so the flag is accepted and ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.looptrain_argv = argv  # read by _add_optional
 
     p = sub.add_parser("train", help="train a recipe (under torchrun/srun/deepspeed, or --nproc N locally)")
     _recipe_args(p)
@@ -153,17 +157,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional(sub, name: str, module: str, add: str, run: str, help_text: str) -> None:
     """Register a command whose arguments live next to its implementation
-    (those modules keep their heavy imports inside the run function)."""
+    (those modules keep their heavy imports inside the run function). With a
+    command line at hand, a command it does not name is listed by its help
+    text alone and its module is not imported."""
     import importlib
 
-    mod = importlib.import_module(module)
     p = sub.add_parser(name, help=help_text)
+    argv = getattr(sub, "looptrain_argv", None)
+    if argv is not None and name not in argv:
+        return
+    mod = importlib.import_module(module)
     getattr(mod, add)(p)
     p.set_defaults(func=getattr(mod, run))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     from looptrain.checkpoint.errors import CheckpointError
     from looptrain.config import RecipeError
     from looptrain.data.errors import DataError

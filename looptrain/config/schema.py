@@ -10,7 +10,7 @@ that cannot work, with a message that says why.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 
 class RecipeError(ValueError):
@@ -217,6 +217,14 @@ class OptimConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """A torch.profiler trace of steps start+1 .. start+steps on every rank (steps 0: off)."""
+
+    start: int = 10  # steps to run before the traced window
+    steps: int = 0
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     micro_batch_size: int = 8  # sequences per device per micro-step
@@ -229,8 +237,13 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 10
     # Peak TFLOP/s per device that MFU is reported against. Default: the
-    # vendor's dense number for a known GPU, a measured matmul peak on CPU.
+    # vendor's dense number for a known GPU; no MFU on CPU unless set.
     peak_tflops: Optional[float] = None
+    # Intra-op CPU threads per rank: auto (OMP_NUM_THREADS, else Slurm's CPUs
+    # per task, else available cores / local ranks; see looptrain.threads) or N.
+    threads: Union[Literal["auto"], int] = "auto"
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # RUN_DIR/profile/
+    memory_snapshot: bool = False  # RUN_DIR/memory/: CUDA snapshot (GPU) or peak report (CPU)
     val_every: int = 200
     val_batches: int = 20
     seed: int = 0

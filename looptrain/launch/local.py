@@ -57,8 +57,10 @@ def worker_env(rank: int, nproc: int, master_port: int, base: Optional[dict[str,
         MASTER_PORT=str(master_port),
         PYTHONUNBUFFERED="1",
     )
-    if "OMP_NUM_THREADS" not in env:  # N processes sharing the cores, as torchrun does
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    if "OMP_NUM_THREADS" not in env:  # N processes sharing the cores this process may use
+        from looptrain.threads import available_cores
+
+        env["OMP_NUM_THREADS"] = str(max(1, available_cores() // nproc))
     return env
 
 
