@@ -278,7 +278,7 @@ def _prepare_into(
         "column": TOKENS_COLUMN,
         "dtype": dtype,
         "tokenizer_sha256": file_sha256(model_path),
-        "tokenizer_source": "trained" if tokenizer_path is None else str(tokenizer_path),
+        "tokenizer_source": "trained" if tokenizer_path is None else str(Path(tokenizer_path).absolute()),
         "source": source.describe,
         "documents": n_documents,
         "val_fraction": val_fraction,
