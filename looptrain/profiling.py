@@ -63,6 +63,7 @@ class StepProfiler:
         self.memory = memory_snapshot
         self._prof: Optional[torch.profiler.profile] = None
         self._traced_until = start
+        self._step_range: Optional[torch.profiler.record_function] = None
         self._rss_steps: list[tuple[int, float]] = []  # (step, peak RSS GiB) whenever the peak grew
         self._closed = False
         if memory_snapshot and device.type == "cuda":
@@ -84,12 +85,15 @@ class StepProfiler:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._prof = torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True)
             self._prof.start()
+        if self._prof is not None:  # one named range per step: the timeline shows where each step starts
+            self._step_range = torch.profiler.record_function(f"train step {step + 1}")
+            self._step_range.__enter__()
 
     def step_end(self, step: int) -> None:
         """After step `step` (1-based) is done."""
         if self._prof is not None:
             self._traced_until = step
-            self._prof.step()
+            self._step_range.__exit__(None, None, None)
             if step >= self.last:
                 self._finish_trace()
         if self.memory:

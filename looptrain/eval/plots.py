@@ -105,7 +105,7 @@ def plot_norms(results: Sequence[dict], path: str | os.PathLike) -> str:
         ax.axvline(k, color="gray", linestyle=":", linewidth=1)
     _log_if_wide(ax, values)
     if ax.get_yscale() == "log":
-        _plain_log_ticks(ax.yaxis)
+        _plain_log_ticks(ax.yaxis, *ax.get_ylim())
     ax.set_xlabel("loop k (dotted: trained depth K)")
     ax.set_ylabel("token norm ||h_k|| (raw state)")
     ax.set_title("token norm per loop: median, 25-75 % band, max (dashed)")
@@ -115,11 +115,20 @@ def plot_norms(results: Sequence[dict], path: str | os.PathLike) -> str:
     return _save(fig, path)
 
 
-def _plain_log_ticks(axis) -> None:
-    """Log-axis ticks at 1-2-5 steps labelled as plain numbers, no minor labels (they collide on a narrow range)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+def _plain_log_ticks(axis, low: float, high: float) -> None:
+    """Log-axis ticks labelled as plain numbers, as many as fit: evenly spaced values within a
+    decade, 1-2-5 steps over a few decades, powers of ten beyond; minor ticks unlabelled (matplotlib's
+    default labels them on a narrow range, and they collide)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    decades = math.log10(high / low) if high > low > 0 else 0.0
+    if decades < 1.0:
+        locator = MaxNLocator(nbins=5)
+    elif decades <= 2.5:
+        locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0))
+    else:
+        locator = LogLocator(base=10, subs=(1.0,), numticks=7)
+    axis.set_major_locator(locator)
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     axis.set_minor_formatter(NullFormatter())
 
@@ -141,7 +150,7 @@ def plot_norm_histograms(results: Sequence[dict], path: str | os.PathLike) -> st
             ax.stairs(row, edges, color=cmap(k / max(1, len(counts) - 1) * 0.9), label=f"k={k + 1}")
         if edges[0] > 0:
             ax.set_xscale("log")
-            _plain_log_ticks(ax.xaxis)
+            _plain_log_ticks(ax.xaxis, edges[0], edges[-1])
         ax.set_xlabel("token norm ||h_k||")
         ax.set_ylabel("tokens")
         ax.set_title(r["name"])
