@@ -262,11 +262,11 @@ def test_non_finite_gradient_skips_the_step():
     assert torch.isfinite(loss) and torch.isfinite(grad_norm)
 
 
-def test_mfu_peak_from_recipe_gpu_table_or_cpu_probe():
+def test_mfu_peak_from_recipe_or_gpu_table():
     from looptrain.perf import GPU_PEAKS, peak_flops
 
     assert peak_flops(torch.device("cpu"), "fp32", override=123e12) == 123e12
-    assert peak_flops(torch.device("cpu"), "fp32") > 1e8  # the measured matmul probe
+    assert peak_flops(torch.device("cpu"), "fp32") != peak_flops(torch.device("cpu"), "fp32")  # NaN: no CPU MFU
     assert GPU_PEAKS["H100"]["bf16"] == 989e12
 
 
