@@ -21,7 +21,7 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from looptrain.config import load_recipe
+    from looptrain.config import load_recipe  # lazy, as every import below, for start-up time
 
     return load_recipe(args.recipe, args.overrides)
 
@@ -41,7 +41,7 @@ def cmd_train(args) -> int:
         if args.force_resume:
             argv.append("--force-resume")
         return launch_local(argv, args.nproc)
-    from looptrain.train import main_worker
+    from looptrain.train import main_worker  # lazy for start-up time: imports torch
 
     return main_worker(recipe, force_resume=args.force_resume)
 
@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
 
 
 def format_info(recipe) -> str:
-    import torch
+    import torch  # lazy for start-up time
 
     from looptrain.config import recipe_to_yaml
     from looptrain.model import build_model
@@ -91,7 +91,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from looptrain.quickstart import run_quickstart
+    from looptrain.quickstart import run_quickstart  # lazy for start-up time
 
     return run_quickstart(out_dir=args.out, data_dir=args.data, steps=args.steps, overrides=args.overrides)
 
@@ -174,7 +174,7 @@ def _add_optional(sub, name: str, module: str, add: str, run: str, help_text: st
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    from looptrain.checkpoint.errors import CheckpointError
+    from looptrain.checkpoint.errors import CheckpointError  # lazy for start-up time (light, but not needed for --help)
     from looptrain.config import RecipeError
     from looptrain.data.errors import DataError
 
