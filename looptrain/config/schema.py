@@ -236,7 +236,7 @@ class TrainConfig:
     val_every: int = 200
     val_batches: int = 20
     seed: int = 0
-    deterministic: bool = False
+    deterministic: bool = False  # bit-identical reruns at some speed cost: see looptrain/determinism.py
 
 
 # -------------------------------------------------------------------- parallel
