@@ -180,7 +180,7 @@ class DeepSpeedBackend(Backend):
                 apply_compile(train_module.model)
         self.ds_config = deepspeed_config(self.recipe, self.env.world_size)
         if self.env.is_main:
-            self.config_path = write_config(self.ds_config, self.recipe.run_dir)
+            write_config(self.ds_config, self.recipe.run_dir)
         if self.ds_config["zero_optimization"].get("stage", 0) == 3:
             prepare_for_zero3(train_module)
         train_module.to(self.device)
