@@ -26,6 +26,10 @@ two single-threaded runs side by side use two cores far better than one run
 with two threads, and on a shared machine a multi-threaded run spends most of
 its time spinning on busy cores. A finished run is reused when its recipe
 overrides are unchanged (delete the runs directory to start over).
+
+This file is the entry point (arguments, then the steps in order); the parts
+live in tools/repro/: grid (conditions, scale, jobs), run (training and
+evaluation processes), collect (numbers over seeds), verdicts, plots, render.
 """
 
 from __future__ import annotations
