@@ -9,6 +9,7 @@ arrow is intended, move the package in ARCHITECTURE.md's table and say why there
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -53,6 +54,12 @@ def imports_of(path: Path, root: Path = ROOT) -> list[tuple[str, int]]:
     return sorted(found, key=lambda item: item[1])
 
 
+@functools.lru_cache(maxsize=None)
+def package_imports() -> dict[Path, tuple[str, list[tuple[str, int]]]]:
+    """{file: (its unit, its imports)} over the package, parsed once per session."""
+    return {path: (unit, imports_of(path)) for path, unit in source_units().items()}
+
+
 def source_units() -> dict[Path, str]:
     units = {}
     for path in sorted(PACKAGE.rglob("*.py")):
@@ -75,8 +82,8 @@ def test_every_package_and_module_has_a_layer():
 def test_imports_point_down_the_layers_only():
     layers = layer_table()
     wrong = []
-    for path, unit in source_units().items():
-        for module, line in imports_of(path):
+    for path, (unit, imports) in package_imports().items():
+        for module, line in imports:
             if not module.startswith("looptrain."):
                 continue
             target = unit_of(module)
@@ -88,10 +95,17 @@ def test_imports_point_down_the_layers_only():
 
 def test_model_and_objectives_know_nothing_of_parallelism_data_or_tracking():
     wrong = []
-    for path, unit in source_units().items():
-        for module, line in imports_of(path):
+    for path, (unit, imports) in package_imports().items():
+        for module, line in imports:
             if any(module == bad or module.startswith(bad + ".") for bad in FORBIDDEN_BELOW.get(unit, ())):
                 wrong.append(f"{path.relative_to(ROOT)}:{line}: {unit} imports {module}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_package_imports_nothing_from_the_scripts_around_it():
+    wrong = [f"{path.relative_to(ROOT)}:{line}: imports {module}"
+             for path, (_, imports) in package_imports().items() for module, line in imports
+             if module.split(".")[0] in ("tools", "benchmarks", "tests", "repro")]
     assert not wrong, "\n".join(wrong)
 
 
