@@ -19,10 +19,10 @@ without this switch.
 Cost: on CPU none measurable (the ops looptrain runs are deterministic there
 already; the switch makes that a checked promise): 60 steps of the quickstart
 model, one thread, took 18.4-19.3 CPU-seconds with it and 17.9-18.9 without. On
-CUDA (not measured here) some backward passes switch to slower deterministic
-kernels (PyTorch documents embedding and attention gradients among them) and
-cuBLAS keeps 8 x 4 MiB of workspace per handle; measure the step time before a
-long run with it. Leave it off for production runs; switch it on to bisect a
+CUDA (not measured here) some ops switch to slower deterministic kernels (the
+documentation of `torch.use_deterministic_algorithms` lists them) and cuBLAS
+keeps 8 x 4 MiB of workspace per handle; measure the step time before a long
+run with it. Leave it off for production runs; switch it on to bisect a
 divergence or to compare two code versions step by step.
 """
 
