@@ -49,9 +49,9 @@ if _TOOLS not in sys.path:
     sys.path.insert(0, _TOOLS)
 
 from repro.collect import ConditionSummary, Spread, summarise  # noqa: E402
+from looptrain.exit_codes import HALTED, OK  # noqa: E402
 from repro.grid import (  # noqa: E402
-    BY_KEY, DEFAULT_OUT, DEFAULT_SCALE, HALTED, OK, QUICK_CONDITIONS, QUICK_SCALE, REPO, Condition, Job, RunOutcome,
-    Scale,
+    BY_KEY, DEFAULT_OUT, DEFAULT_SCALE, QUICK_CONDITIONS, QUICK_SCALE, REPO, Condition, Job, RunOutcome, Scale,
 )
 from repro.plots import plot_norms, plot_pareto, plot_ppl  # noqa: E402
 from repro.render import ReportContext, render_report, write_results_json  # noqa: E402

@@ -7,16 +7,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from looptrain.exit_codes import HALTED, OK  # plain constants: importing them loads no torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 PAPER_RECIPES = os.path.join("recipes", "paper", "44m")
 DEFAULT_OUT = os.path.join("reports", "repro_small")
 TOLERANCE = 0.01  # early exit: perplexity at most 1 % above full depth
 MARKER = "repro.json"  # written into a run directory when its training process has ended
 PLOT_DPI = 100
-
-# Exit statuses of `looptrain train` (looptrain.exit_codes), repeated here so
-# that the script's start-up does not import torch.
-OK, HALTED = 0, 17
 
 
 # ------------------------------------------------------------------ the grid

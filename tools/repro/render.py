@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 from repro.collect import ConditionSummary, Spread, cell, fmt, loop_norm, policy_order, ppl_at
-from repro.grid import DEFAULT_SCALE, HALTED, OK, PAPER_VALUES, TOLERANCE, RunOutcome, Scale
+from looptrain.exit_codes import HALTED, OK
+from repro.grid import DEFAULT_SCALE, PAPER_VALUES, TOLERANCE, RunOutcome, Scale
 from repro.verdicts import VERDICT_RULES, Verdict, extrapolation_notes
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -10,7 +10,8 @@ import subprocess
 import time
 from typing import Any, Optional, Sequence
 
-from repro.grid import HALTED, MARKER, OK, REPO, TOLERANCE, Job, RunOutcome, Scale
+from looptrain.exit_codes import HALTED, OK
+from repro.grid import MARKER, REPO, TOLERANCE, Job, RunOutcome, Scale
 
 # ------------------------------------------------------------------ data
 
