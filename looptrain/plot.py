@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from looptrain.exit_codes import BAD_INPUT
 from looptrain.tracking.metrics_file import EVENTS_FILE, per_loop_series, read_metrics
 
 PANELS = (
@@ -68,6 +70,7 @@ def build_figure(run_dirs: list[str]):
     if not run_dirs:
         raise ValueError("plot_runs needs at least one run directory")
     # The object-oriented API with the Agg canvas: no pyplot, no global backend change.
+    # matplotlib is imported here, not at the top: it is slow to import and only plotting needs it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -170,10 +173,6 @@ def add_plot_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_plot(args: argparse.Namespace) -> int:
     """`looptrain plot`: exit status 0, or BAD_INPUT naming a directory without metrics."""
-    import sys
-
-    from looptrain.exit_codes import BAD_INPUT
-
     missing = [d for d in args.run_dirs if not os.path.isfile(os.path.join(d, "metrics.jsonl"))]
     if missing:
         print(

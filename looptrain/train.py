@@ -29,6 +29,7 @@ import torch
 from looptrain import exit_codes
 from looptrain.config import Recipe, RecipeError, recipe_hash, recipe_to_dict, save_resolved
 from looptrain.config.schema import check_world_size
+from looptrain.determinism import configure_determinism
 from looptrain.objectives import DepthSampler, head_exits
 from looptrain.optim import lr_at
 from looptrain.parallel import Backend, build_backend, init_distributed, shutdown_distributed
@@ -343,6 +344,7 @@ class Trainer:
 
 def train(recipe: Recipe, *, force_resume: bool = False) -> TrainResult:
     """Run a recipe in this process (one rank of a job when launched by torchrun/srun)."""
+    configure_determinism(recipe.train.deterministic)  # before CUDA starts (cuBLAS reads its workspace then)
     env = init_distributed(recipe.train.device, recipe.parallel.dist_backend, recipe.parallel.timeout_minutes)
     threads, why = apply_threads(recipe.train.threads)
     if env.is_main:

@@ -10,7 +10,7 @@ that cannot work, with a message that says why.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 
 class RecipeError(ValueError):
@@ -114,17 +114,19 @@ class ModelConfig:
             )
 
 
+def literal_choices(config: type) -> dict[str, tuple[Any, ...]]:
+    """{key: allowed values} for every `Literal` key of a config dataclass.
+
+    The `Literal` types above are the one list of each set of choices: the
+    loader checks recipes against them, `validate` checks configs built in
+    code, and the model's builder tables are tested against them.
+    """
+    hints = get_type_hints(config)
+    return {key: get_args(hint) for key, hint in hints.items() if get_origin(hint) is Literal}
+
+
 # Checked again at run time: a ModelConfig built in code bypasses the loader's Literal checks.
-_MODEL_CHOICES = {
-    "norm": ("rmsnorm", "layernorm"),
-    "block_style": ("prenorm", "sandwich"),
-    "positions": ("learned", "rope"),
-    "injection": ("none", "add", "concat", "contractive"),
-    "initial_state": ("embeddings", "zeros", "noise"),
-    "readout": ("rmsnorm", "raw", "final_only", "alpha"),
-    "recurrence": ("residual", "rmsnorm", "contractive"),
-    "init": ("normal", "torch_default"),
-}
+_MODEL_CHOICES = literal_choices(ModelConfig)
 
 
 # ------------------------------------------------------------------- objective
@@ -247,7 +249,7 @@ class TrainConfig:
     val_every: int = 200
     val_batches: int = 20
     seed: int = 0
-    deterministic: bool = False
+    deterministic: bool = False  # bit-identical reruns at some speed cost: see looptrain/determinism.py
 
 
 # -------------------------------------------------------------------- parallel
