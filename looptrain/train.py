@@ -34,6 +34,8 @@ from looptrain.optim import lr_at
 from looptrain.parallel import Backend, build_backend, init_distributed, shutdown_distributed
 from looptrain.parallel.env import DistEnv
 from looptrain.perf import peak_flops, peak_memory_gb
+from looptrain.run_lock import hold_run_dir
+from looptrain.run_lock import release as release_run_dir
 from looptrain.state import TrainerState, seed_everything
 from looptrain.train_module import LoopedLMTrainModule, split_batch
 
@@ -160,6 +162,7 @@ class Trainer:
                                   exits=head_exits(o))
             for d in range(self.max_depth + 1)
         ]
+        hold_run_dir(self.run_dir, env)  # one training per run directory, before anything is written there
         if env.is_main:
             save_resolved(recipe, self.run_dir)
         self.backend.setup(LoopedLMTrainModule(model, recipe.objective))
@@ -345,6 +348,7 @@ def train(recipe: Recipe, *, force_resume: bool = False) -> TrainResult:
     finally:
         if trainer is not None:
             trainer.tracker.finish(result.exit_code)
+        release_run_dir(recipe.run_dir)
         if result.exit_code in (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED):
             shutdown_distributed()
 
