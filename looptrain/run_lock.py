@@ -32,7 +32,8 @@ from looptrain.config.schema import RecipeError
 
 LOCK_FILE = ".lock"
 _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}
-_held: dict[str, int] = {}  # real path of a run directory -> the fd holding its lock in this process
+# real path of a run directory -> (fd holding its lock, the outermost directory this start created, or None)
+_held: dict[str, tuple[int, Optional[str]]] = {}
 
 
 class RunDirBusy(RecipeError):
@@ -54,6 +55,10 @@ def acquire(run_dir: str) -> None:
     key = os.path.realpath(run_dir)
     if key in _held:
         return
+    created = None
+    parent = os.path.abspath(run_dir)
+    while not os.path.isdir(parent):  # the outermost directory that makedirs is about to create
+        created, parent = parent, os.path.dirname(parent)
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -76,13 +81,32 @@ def acquire(run_dir: str) -> None:
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
-    _held[key] = fd
+    _held[key] = (fd, created)
 
 
 def release(run_dir: str) -> None:
-    """Drop this process's lock on `run_dir` (no-op when it holds none)."""
-    fd: Optional[int] = _held.pop(os.path.realpath(run_dir), None)
-    if fd is not None:
+    """Drop this process's lock on `run_dir` (no-op when it holds none).
+
+    A start that failed before writing anything leaves no run directory: one
+    that this process created and that holds only the lock file is removed
+    (while still locked, so that no other start can be using it).
+    """
+    held = _held.pop(os.path.realpath(run_dir), None)
+    if held is None:
+        return
+    fd, created = held
+    try:
+        if created is not None and os.listdir(run_dir) == [LOCK_FILE]:
+            os.unlink(os.path.join(run_dir, LOCK_FILE))
+            path = os.path.abspath(run_dir)
+            while True:  # the run directory, then the parents this start created (out_dir), while empty
+                os.rmdir(path)
+                if path == created:
+                    break
+                path = os.path.dirname(path)
+    except OSError:
+        pass  # something else is in there (someone else's file appeared meanwhile): leave it alone
+    finally:
         os.close(fd)  # closing the only descriptor releases the flock
 
 

@@ -163,8 +163,6 @@ class Trainer:
             for d in range(self.max_depth + 1)
         ]
         hold_run_dir(self.run_dir, env)  # one training per run directory, before anything is written there
-        if env.is_main:
-            save_resolved(recipe, self.run_dir)
         self.backend.setup(LoopedLMTrainModule(model, recipe.objective))
         seed_everything(t.seed + 1000 * env.rank)  # distinct dropout streams per rank
 
@@ -191,6 +189,8 @@ class Trainer:
         self.state = TrainerState(recipe_hash=recipe_hash(recipe))
         self.checkpointer = Checkpointer(recipe, self.backend, env)
         self.checkpointer.resume(self, force=force_resume)
+        if env.is_main:  # after the resume checks: a refused resume leaves the run's recipe.yaml as it was
+            save_resolved(recipe, self.run_dir)
         self.tracker = Tracker(
             recipe.tracking, self.run_dir, recipe_to_dict(recipe), is_main=env.is_main,
             resume_id=self.state.wandb_run_id, total_steps=t.steps,
