@@ -2,16 +2,20 @@
 
 Two trainings in one run directory would write the same `.tmp-step_N`
 checkpoint directories, append to the same metrics.jsonl and delete each
-other's checkpoints through retention. So rank 0 takes an `flock(2)` on
-`RUN_DIR/.lock` before anything is written into the run directory, and holds
-it until the training ends; the other ranks of the same job are covered by it.
+other's checkpoints through retention. So rank 0 takes an exclusive POSIX
+record lock (`fcntl.lockf`) on `RUN_DIR/.lock` before anything is written into
+the run directory, and holds it until the training ends; the other ranks of
+the same job are covered by it.
 
-Why flock: the kernel drops the lock when the process ends, however it ends
+Why a kernel lock: the kernel drops it when the process ends, however it ends
 (kill -9, the OOM killer, a Slurm requeue), so a dead run never leaves the
-directory stuck and a requeued attempt finds it free. The holder's PID, host
-and start time are written into the file only so that a refused start can say
-who holds it. On a filesystem that does not support flock (ENOLCK, EOPNOTSUPP:
-some NFS or Lustre mounts) the run warns once and goes on unlocked.
+directory stuck and a requeued attempt finds it free. Why lockf rather than
+flock: a record lock belongs to the process and is not inherited by forked
+children (data-loader workers), which could otherwise outlive a killed
+trainer holding its lock; NFS also implements record locks across hosts. The
+holder's PID, host and start time are written into the file only so that a
+refused start can say who holds it. On a filesystem without lock support
+(ENOLCK, EOPNOTSUPP) the run warns once and goes on unlocked.
 
 Within one process the lock is re-entrant (keyed by the directory's real
 path): tests build several trainers of one run in a single process.
@@ -63,15 +67,15 @@ def acquire(run_dir: str) -> None:
     path = os.path.join(run_dir, LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(fd)
-        os.close(fd)
-        raise RunDirBusy(
-            f"run directory {run_dir} is in use by another training ({holder}); wait for it to finish, "
-            "or pick another name= for this run"
-        ) from None
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
+        if err.errno in (errno.EACCES, errno.EAGAIN):
+            holder = _holder(fd)
+            os.close(fd)
+            raise RunDirBusy(
+                f"run directory {run_dir} is in use by another training ({holder}); wait for it to finish, "
+                "or pick another name= for this run"
+            ) from None
         os.close(fd)
         if err.errno not in _UNSUPPORTED:
             raise
@@ -107,7 +111,7 @@ def release(run_dir: str) -> None:
     except OSError:
         pass  # something else is in there (someone else's file appeared meanwhile): leave it alone
     finally:
-        os.close(fd)  # closing the only descriptor releases the flock
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def hold_run_dir(run_dir: str, env) -> None:

@@ -685,3 +685,28 @@ def test_kill_during_a_save_then_resume_loads_the_previous_good_checkpoint(tmp_p
         trainer.tracker.finish(0)
     finally:
         release(loaded.run_dir)
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_job_stops_when_the_run_directory_is_held(trained_run, tmp_path):
+    """Rank 0 takes the lock for its job and tells the other ranks: a refused 2-rank start ends both
+    ranks with exit 2 (none left waiting in a collective) and writes nothing."""
+    run = _copy_run(trained_run, tmp_path)
+    holder = _hold_lock(run, tmp_path)
+    try:
+        recipe = write_recipe(tmp_path / "r.yaml", yaml.safe_load((run / "recipe.yaml").read_text())
+                              | {"out_dir": str(tmp_path / "runs")})
+        before = snapshot(run)
+        job = subprocess.run([sys.executable, "-m", "looptrain.cli", "train", recipe, "parallel.backend=fsdp2",
+                              "train.micro_batch_size=1", "train.steps=6", "--nproc", "2"], cwd=tmp_path,
+                             env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=600)
+        output = job.stdout + job.stderr
+        assert job.returncode == 2, output
+        assert "Traceback" not in output
+        assert f"[rank 0] looptrain: error: run directory {run} is in use by another training (pid {holder.pid}" \
+            in output
+        assert "[rank 1] looptrain: error: run directory" in output
+        assert snapshot(run) == before
+    finally:
+        holder.kill()
+        holder.wait()
