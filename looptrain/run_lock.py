@@ -133,6 +133,7 @@ def hold_run_dir(run_dir: str, env) -> None:
         flag = torch.tensor([1.0 if error else 0.0], device=env.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and not error:
-            error = f"run directory {run_dir} is in use by another training (rank 0 names it); wait, or pick another name="
+            error = (f"run directory {run_dir} is in use by another training (rank 0 names it); wait, "
+                     "or pick another name=")
     if error:
         raise RunDirBusy(error)

@@ -411,7 +411,7 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         """Reject combinations that cannot work, saying why."""
-        m, o, t = self.model, self.objective, self.train
+        m, o = self.model, self.objective
 
         def bad(key: str, why: str) -> None:
             raise RecipeError(f"{key}: {why}")
@@ -445,7 +445,8 @@ class Recipe:
         if len(self.optim.betas) != 2:
             bad("optim.betas", f"needs two values [beta1, beta2], got {self.optim.betas}")
         for rule_name, rule in vars(self.monitor).items():
-            if isinstance(rule, RuleConfig) and rule.warn is not None and rule.halt is not None and rule.warn > rule.halt:
+            thresholds = (rule.warn, rule.halt) if isinstance(rule, RuleConfig) else (None, None)
+            if None not in thresholds and rule.warn > rule.halt:
                 bad(f"monitor.{rule_name}.warn", f"warn threshold {rule.warn} is above halt threshold {rule.halt}; "
                     "warn must be the lower one")
         return self
