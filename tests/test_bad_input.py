@@ -600,6 +600,24 @@ def test_a_lock_left_by_a_killed_process_does_not_block_the_run(trained_run, tmp
     assert (run / "checkpoints" / "step_00000006").is_dir()
 
 
+def test_a_filesystem_without_locks_warns_and_trains(tmp_path, capsys, monkeypatch):
+    """Some network filesystems answer ENOLCK: the run says it is unprotected and goes on."""
+    import errno
+    import fcntl
+
+    from looptrain import run_lock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    run_dir = tmp_path / "runs" / "run"
+    run_lock.acquire(str(run_dir))
+    run_lock.release(str(run_dir))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert_one_line(err, "looptrain: warning:", "does not support file locks", "not protected against a second")
+
+
 @pytest.mark.slow
 def test_two_concurrent_trainings_of_one_run_directory(tmp_path, bible_data):
     """Two real training processes in one run directory: the second refuses at once (exit 2, one line
