@@ -30,10 +30,13 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
+    from looptrain.launch.local import check_nproc, launch_local
+
+    if args.nproc is not None:
+        check_nproc(args.nproc)
     recipe = _load(args)  # fail fast on a bad recipe, before starting workers
     if args.nproc and args.nproc > 1:
         from looptrain.config.schema import check_world_size
-        from looptrain.launch.local import launch_local
 
         check_world_size(recipe, args.nproc, f"--nproc {args.nproc}")
 
@@ -115,7 +118,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a recipe (under torchrun/srun/deepspeed, or --nproc N locally)")
     _recipe_args(p)
-    p.add_argument("--nproc", type=int, default=0, help="start N local worker processes")
+    p.add_argument("--nproc", type=int, default=None, help="start N local worker processes")
     p.add_argument("--force-resume", action="store_true",
                    help="resume a run that the norm monitor halted (HALTED.json)")
     allow_overrides_after_options(p)

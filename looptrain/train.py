@@ -36,6 +36,8 @@ from looptrain.parallel import Backend, build_backend, init_distributed, shutdow
 from looptrain.parallel.env import DistEnv
 from looptrain.perf import RunClock, peak_flops, peak_memory_gb
 from looptrain.profiling import StepProfiler
+from looptrain.run_lock import hold_run_dir
+from looptrain.run_lock import release as release_run_dir
 from looptrain.state import TrainerState, seed_everything
 from looptrain.threads import apply_threads
 from looptrain.train_module import LoopedLMTrainModule, split_batch
@@ -164,8 +166,7 @@ class Trainer:
                                   exits=head_exits(o))
             for d in range(self.max_depth + 1)
         ]
-        if env.is_main:
-            save_resolved(recipe, self.run_dir)
+        hold_run_dir(self.run_dir, env)  # one training per run directory, before anything is written there
         self.backend.setup(LoopedLMTrainModule(model, recipe.objective))
         seed_everything(t.seed + 1000 * env.rank)  # distinct dropout streams per rank
 
@@ -192,6 +193,8 @@ class Trainer:
         self.state = TrainerState(recipe_hash=recipe_hash(recipe))
         self.checkpointer = Checkpointer(recipe, self.backend, env)
         self.checkpointer.resume(self, force=force_resume)
+        if env.is_main:  # after the resume checks: a refused resume leaves the run's recipe.yaml as it was
+            save_resolved(recipe, self.run_dir)
         self.tracker = Tracker(
             recipe.tracking, self.run_dir, recipe_to_dict(recipe), is_main=env.is_main,
             resume_id=self.state.wandb_run_id, total_steps=t.steps,
@@ -359,6 +362,7 @@ def train(recipe: Recipe, *, force_resume: bool = False) -> TrainResult:
         if trainer is not None:
             trainer.profiler.close()
             trainer.tracker.finish(result.exit_code)
+        release_run_dir(recipe.run_dir)
         if result.exit_code in (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED):
             shutdown_distributed()
 

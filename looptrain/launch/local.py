@@ -223,6 +223,15 @@ def _restore_signals(previous: dict[int, object]) -> None:
         signal.signal(sig, handler)
 
 
+def check_nproc(nproc: int) -> None:
+    """`--nproc` counts processes: 0 or a negative count is a typo, not "one process"."""
+    from looptrain.config.schema import RecipeError
+
+    if nproc < 1:
+        raise RecipeError(f"--nproc {nproc}: must be an integer >= 1 (local worker processes); "
+                          "omit it to train in this process")
+
+
 def launch_local(argv: list[str], nproc: int) -> int:
     """`python -m looptrain.cli *argv` as `nproc` local ranks (argv without --nproc)."""
     if "--nproc" in argv or any(a.startswith("--nproc=") for a in argv):
