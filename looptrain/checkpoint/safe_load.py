@@ -177,6 +177,9 @@ def dcp_load(state: dict, directory: str | os.PathLike, *, no_dist: bool) -> Non
     from torch.distributed.checkpoint.api import CheckpointException
 
     reader_cls, planner_cls = _dcp_classes()
+    # Checked here first: DCP catches a failed metadata read, prints its traceback and
+    # falls back to per-rank metadata files, which would bury the reason.
+    load_dcp_metadata(Path(directory) / ".metadata")
     try:
         dcp.load(state, storage_reader=reader_cls(str(directory)), planner=planner_cls(), no_dist=no_dist)
     except CheckpointException as err:

@@ -22,6 +22,7 @@ from looptrain.checkpoint import payload
 from looptrain.checkpoint.errors import CheckpointError
 from looptrain.checkpoint.layout import resolve_checkpoint
 from looptrain.checkpoint.manifest import read_manifest, validate
+from looptrain.checkpoint.safe_load import UnsafeCheckpointError
 
 TRAIN_MODULE_PREFIX = "model."  # the train module holds the LoopedLM as `.model`
 WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -141,6 +142,8 @@ def inspect_checkpoint(path: str | Path, current_recipe: Any = None) -> str:
         lines.extend(_norm_lines(state.last_metrics, state.step))
         if state.wandb_run_id:
             lines.append(f"  W&B run id {state.wandb_run_id}")
+    except UnsafeCheckpointError:
+        raise  # a crafted file is refused outright, not summarised
     except CheckpointError as err:
         lines.append(f"trainer state: unreadable ({err})")
     return "\n".join(lines)
