@@ -293,3 +293,67 @@ def test_deepspeed_checkpoint_still_resumes_and_converts(deepspeed_run, dataset,
 
     export_checkpoint(tmp_path / "same", tmp_path / "export")
     assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------ disk full
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem of limited size (tmpfs; needs root), resizable with `.resize(bytes)`."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
+
+    class Disk:
+        path = mount
+
+        @staticmethod
+        def resize(size: int) -> None:
+            subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+
+    try:
+        yield Disk
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def checkpoint_bytes(ckpt: Path) -> int:
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    return sum(e["bytes"] for e in manifest["files"].values())
+
+
+@pytest.mark.parametrize("save_async", [False, True], ids=["sync", "async"])
+def test_disk_full_during_a_save_loses_nothing(dcp_run, dataset, tmp_path, small_disk, capsys, save_async):
+    """The disk fills up while the second checkpoint is written: one line says so (where, how much is
+    needed and free), the partial directory is gone, `latest` and the first checkpoint are intact, and
+    once there is space the run resumes from it and finishes."""
+    from looptrain.checkpoint.layout import read_latest
+    from looptrain.checkpoint.manifest import validate
+    from looptrain.train import main_worker
+
+    (done,) = committed(dcp_run / "checkpoints")
+    size = checkpoint_bytes(done)
+    overrides = ("train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=3",
+                 f"checkpoint.save_async={str(save_async).lower()}")
+    recipe = make_recipe(dataset, small_disk.path, *overrides, name="full")
+    small_disk.resize(int(size * 1.6) + 256 * 1024)  # room for one checkpoint and the run's logs, not two
+    capsys.readouterr()
+    assert main_worker(recipe) == BAD_INPUT
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    root = small_disk.path / "full" / "checkpoints"
+    assert "the disk is full" in lines[0] and str(root) in lines[0] and "step 4" in lines[0]
+    assert "as much as step_00000002" in lines[0] and "was free when the write failed" in lines[0]
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []  # no partial directory left
+    assert read_latest(root) == "step_00000002" and [p.name for p in committed(root)] == ["step_00000002"]
+    validate(root / "step_00000002")
+
+    small_disk.resize(64 << 20)
+    trainer = run_trainer(recipe)
+    assert trainer.checkpointer.resumed_from == root / "step_00000002" and trainer.state.step == 6
+    assert read_latest(root) == "step_00000006"

@@ -33,6 +33,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from looptrain.checkpoint import payload
 from looptrain.checkpoint.compat import check_compatible
@@ -48,6 +49,7 @@ from looptrain.checkpoint.layout import (
 from looptrain.checkpoint.manifest import read_manifest, validate, write_manifest
 from looptrain.fileio import fsync_dir
 from looptrain.checkpoint.retention import remove_dir, apply_retention
+from looptrain.checkpoint.save_errors import CheckpointSaveError, save_failure
 from looptrain.config.loader import recipe_hash, recipe_to_dict
 from looptrain.config.schema import Recipe
 from looptrain.state import capture_rng_state, restore_rng_state, seed_everything
@@ -319,19 +321,33 @@ class Checkpointer:
             _remove_tree(tmp)
             tmp.mkdir(parents=True)
         _barrier()
-        payload.save_rng(tmp, self.env.rank, capture_rng_state())
-        if self.env.is_main:
-            payload.save_trainer_state(tmp, state)
-            payload.save_recipe(tmp, recipe_to_dict(self.recipe))
         info = self._manifest_info(state, reason)
         use_async = self.use_async and reason == "interval"
-        future = self.store.save(tmp, use_async=use_async)
+        try:
+            payload.save_rng(tmp, self.env.rank, capture_rng_state())
+            if self.env.is_main:
+                payload.save_trainer_state(tmp, state)
+                payload.save_recipe(tmp, recipe_to_dict(self.recipe))
+            future = self.store.save(tmp, use_async=use_async)
+        except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+            failure = self._save_failed(err, step, tmp)
+            if failure is err:
+                raise
+            raise failure from None
         self.last_saved_step = step
         if future is None:
             _barrier()
+            failure, failed = None, None
             if self.env.is_main:
-                self._commit(tmp, final, info)
-            _barrier()
+                try:
+                    self._commit(tmp, final, info)
+                except Exception as err:
+                    failure = self._save_failed(err, step, tmp)
+                    failed = str(failure)
+            # Every rank learns whether rank 0 committed (this is also the barrier after the commit).
+            failed = _broadcast(failed)
+            if failed:
+                raise failure if failure is not None else CheckpointSaveError(failed)
             self.last_save_blocking_s = time.perf_counter() - started
             self._say(f"saved {final} ({reason}, {self.last_save_blocking_s:.2f} s)")
             return str(final)
@@ -348,6 +364,18 @@ class Checkpointer:
         self._finish_pending(block=True)
 
     # ---------------------------------------------------------------- helpers
+    def _save_failed(self, err: BaseException, step: int, tmp: Path) -> BaseException:
+        """Remove the partial directory (rank 0) and describe the failure (a full disk in one line)."""
+        self.last_saved_step = None
+        return save_failure(err, step=step, tmp=tmp, ckpt_root=self.root, estimate=self._state_bytes(),
+                            remove=self.env.is_main)
+
+    def _state_bytes(self) -> int:
+        """About what a checkpoint of this model takes: fp32 weights and two Adam moments
+        (and DeepSpeed's fp32 master copy), for when no earlier checkpoint says it exactly."""
+        numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.backend.module.parameters())
+        return numel * 4 * (4 if self.deepspeed else 3)
+
     def _manifest_info(self, state, reason: str) -> dict[str, Any]:
         import looptrain
 
@@ -378,7 +406,11 @@ class Checkpointer:
             remove_dir(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
-        write_latest(self.root, final.name)
+        try:
+            write_latest(self.root, final.name)
+        except OSError:  # e.g. a full disk: undo the rename, so that `latest` and the set of checkpoints agree
+            remove_dir(final)
+            raise
         protected = [self.resumed_from] if self.resumed_from is not None else []
         apply_retention(self.root, self.cfg.keep_last, self.cfg.keep_every, protected=protected)
 
@@ -389,9 +421,12 @@ class Checkpointer:
         self._pending = None
         try:
             pending.future.result()
-        except Exception as err:
+        except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+            failure = self._save_failed(err, pending.step, pending.final.with_name(TMP_PREFIX + pending.final.name))
+            if isinstance(failure, CheckpointSaveError):
+                raise failure from None
             raise RuntimeError(
-                f"asynchronous checkpoint of step {pending.step} ({pending.final}) failed: {err}; the previous "
+                f"asynchronous checkpoint of step {pending.step} ({pending.final}) failed: {failure}; the previous "
                 f"checkpoint in {self.root} is still the newest"
             ) from err
         took = (pending.finished or time.perf_counter()) - pending.started
