@@ -26,6 +26,7 @@ import torch
 
 from looptrain.checkpoint.errors import CheckpointError
 from looptrain.checkpoint.safe_load import safe_torch_load
+from looptrain.redact import redact
 from looptrain.state import TrainerState
 
 TRAINER_STATE_FILE = "trainer_state.pt"
@@ -139,7 +140,7 @@ def load_trainer_state(directory: Path) -> TrainerState:
 def save_recipe(directory: Path, recipe_dict: dict[str, Any]) -> None:
     path = directory / RECIPE_FILE
     with open(path, "w") as f:
-        json.dump(recipe_dict, f, indent=1)
+        json.dump(redact(recipe_dict), f, indent=1)  # no credential in a checkpoint
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
