@@ -361,3 +361,14 @@ def test_disk_full_during_a_save_loses_nothing(dcp_run, dataset, tmp_path, small
     trainer = run_trainer(recipe)
     assert trainer.checkpointer.resumed_from == root / "step_00000002" and trainer.state.step == 6
     assert read_latest(root) == "step_00000006"
+
+
+def test_a_latest_pointer_outside_the_checkpoints_is_ignored(dcp_run, dataset, tmp_path):
+    """`latest` naming another directory (`../../x`) is not followed: the newest committed checkpoint is used."""
+    from looptrain.checkpoint.layout import resolve_checkpoint
+
+    _, run_dir, ckpt = copy_run(dcp_run, tmp_path, dataset)
+    elsewhere = tmp_path / "elsewhere" / "step_00000009"
+    shutil.copytree(ckpt, elsewhere)
+    (run_dir / "checkpoints" / "latest").write_text("../../../elsewhere/step_00000009\n")
+    assert resolve_checkpoint(run_dir) == run_dir / "checkpoints" / ckpt.name
