@@ -372,3 +372,28 @@ def test_a_latest_pointer_outside_the_checkpoints_is_ignored(dcp_run, dataset, t
     shutil.copytree(ckpt, elsewhere)
     (run_dir / "checkpoints" / "latest").write_text("../../../elsewhere/step_00000009\n")
     assert resolve_checkpoint(run_dir) == run_dir / "checkpoints" / ckpt.name
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_deepspeed_save_loses_nothing(deepspeed_run, dataset, tmp_path, small_disk):
+    """The same for DeepSpeed's own save (a real ZeRO-2 run in its own process): exit 2 and one line."""
+    from looptrain.checkpoint.layout import read_latest
+    from looptrain.checkpoint.manifest import validate
+
+    (done,) = committed(deepspeed_run / "checkpoints")
+    small_disk.resize(int(checkpoint_bytes(done) * 1.6) + 256 * 1024)
+    data = recipe_dict(dataset, small_disk.path, "dsfull")
+    data["train"]["steps"] = 4
+    data["checkpoint"].update({"every": 2, "keep_last": 3})
+    data["parallel"] = {"backend": "deepspeed", "zero_stage": 2}
+    recipe_file = tmp_path / "dsfull.yaml"
+    recipe_file.write_text(yaml.safe_dump(data))
+    proc = cli("train", str(recipe_file), tmp_path=tmp_path)
+    assert proc.returncode == BAD_INPUT, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("looptrain: error:")]
+    assert len(errors) == 1 and "the disk is full" in errors[0] and "step 4" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    root = small_disk.path / "dsfull" / "checkpoints"
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
+    assert read_latest(root) == "step_00000002" and [p.name for p in committed(root)] == ["step_00000002"]
+    validate(root / "step_00000002")
