@@ -63,8 +63,19 @@ def redact(obj: Any, environ: Optional[Mapping[str, str]] = None) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(redact(v, environ) for v in obj)
     if isinstance(obj, str):
-        return redact_text(obj, environ)
+        return redact_text(_ASSIGNMENT.sub(_hide_assignment, obj), environ)
     return obj
+
+
+# `NAME=value` inside a string (a profile's setup line, a recipe override in a launch record)
+_ASSIGNMENT = re.compile(r"(?<![\w.])([A-Za-z_][\w.]*)=([^\s'\"]+)")
+
+
+def _hide_assignment(match: re.Match) -> str:
+    name, value = match.group(1), match.group(2)
+    if is_secret_name(name.rsplit(".", 1)[-1]) and not value.startswith("$"):
+        return f"{name}={REDACTED}"
+    return match.group(0)
 
 
 _EXPORT = re.compile(r"^(\s*(?:export\s+)?)([A-Za-z_][A-Za-z0-9_]*)=(.*)$")

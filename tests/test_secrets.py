@@ -98,3 +98,32 @@ def test_a_run_and_its_sbatch_script_hold_no_secrets(tmp_path, bible_data):
     assert any(p.name == "manifest.json" for p in files) and any("wandb" in str(p) for p in files)
     written = [out, script, tmp_path / "train.log", tmp_path / "launch.log"]  # not the inputs made above
     assert [hit for place in written for hit in leaked(place)] == []
+
+
+def test_redaction_by_name_by_assignment_and_by_environment_value():
+    from looptrain.redact import REDACTED, is_secret_name, redact, redact_shell
+
+    for name in ("WANDB_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AZURE_STORAGE_KEY", "AZURE_STORAGE_CONNECTION_STRING", "OCI_CLI_KEY_CONTENT", "apiKey",
+                 "DB_PASSWORD", "GOOGLE_APPLICATION_CREDENTIALS"):
+        assert is_secret_name(name), name
+    for name in ("ce_chunk_tokens", "keep_last", "tokens", "max_tokens", "OMP_NUM_THREADS", "monkey"):
+        assert not is_secret_name(name), name
+    env = {"AWS_SECRET_ACCESS_KEY": SECRETS["AWS_SECRET_ACCESS_KEY"], "HOME": "/home/someone/long"}
+    record = {
+        "setup": ["export OMP_NUM_THREADS=1", "export HF_TOKEN=hf_literalNotInTheEnvironment", "X=$WANDB_API_KEY"],
+        "overrides": ["optim.lr=1e-3", "parallel.deepspeed.comet.api_key=literal0123456789"],
+        "deepspeed": {"comet": {"api_key": "literal0123456789", "enabled": True}},
+        "note": f"copied {SECRETS['AWS_SECRET_ACCESS_KEY']} by hand",
+        "home": "/home/someone/long",
+    }
+    out = redact(record, env)
+    assert out["setup"] == ["export OMP_NUM_THREADS=1", f"export HF_TOKEN={REDACTED}", "X=$WANDB_API_KEY"]
+    assert out["overrides"] == ["optim.lr=1e-3", f"parallel.deepspeed.comet.api_key={REDACTED}"]
+    assert out["deepspeed"]["comet"] == {"api_key": REDACTED, "enabled": True}
+    assert out["note"] == "copied <redacted:AWS_SECRET_ACCESS_KEY> by hand" and out["home"] == record["home"]
+    script = redact_shell("export WANDB_API_KEY=abc123abc123\nexport OMP_NUM_THREADS=1\n", env)
+    assert script.splitlines() == [
+        'export WANDB_API_KEY="${WANDB_API_KEY:?set WANDB_API_KEY in the environment that submits this job}"',
+        "export OMP_NUM_THREADS=1",
+    ]
