@@ -396,3 +396,24 @@ def test_disk_full_during_a_deepspeed_save_loses_nothing(deepspeed_run, dataset,
     assert [p.name for p in root.iterdir() if p.name.startswith(".")] == []
     assert read_latest(root) == "step_00000002" and [p.name for p in committed(root)] == ["step_00000002"]
     validate(root / "step_00000002")
+
+
+# ------------------------------------------------------------ healthy checkpoints
+
+
+def test_a_checkpoint_with_non_finite_hidden_state_norms_is_not_good(dataset, tmp_path):
+    """The loss and gradient can be finite while the raw state has overflowed: such a state is saved
+    with `healthy: false`, and the last good checkpoint stays the one before it."""
+    from looptrain.checkpoint.health import last_good_checkpoint
+    from looptrain.checkpoint.manifest import read_manifest
+
+    trainer = run_trainer(make_recipe(dataset, tmp_path, "train.steps=2", "checkpoint.keep_last=1"))
+    root = Path(trainer.run_dir) / "checkpoints"
+    good = root / "step_00000002"
+    assert read_manifest(good)["healthy"] is True
+    trainer.state.step = 3  # one more step whose loop states overflowed (finite loss, RMS = inf)
+    trainer.norms.update([torch.full((4, 32), float("inf"))])
+    bad = Path(trainer.checkpointer.save(trainer, reason="interval"))
+    assert read_manifest(bad)["healthy"] is False and read_manifest(bad)["reason"] == "interval"
+    assert last_good_checkpoint(root) == good
+    assert [p.name for p in committed(root)] == ["step_00000002", "step_00000003"]  # keep_last=1 keeps the good one
