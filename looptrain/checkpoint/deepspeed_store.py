@@ -140,7 +140,7 @@ class DeepSpeedStore:
     def _load(self, load_dir: Path, *, universal: bool, where: Path) -> None:
         # Every file DeepSpeed will read is first loaded weights-only (tensors memory-mapped),
         # then DeepSpeed reads them with torch.load restricted the same way (safe_load.py).
-        check_torch_files(load_dir / TAG)
+        check_torch_files(load_dir / TAG, rank=self.env.rank, world=self.env.world_size)
         config = self.engine._config
         previous = config.load_universal_checkpoint
         config.load_universal_checkpoint = universal

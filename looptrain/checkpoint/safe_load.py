@@ -248,11 +248,13 @@ def restricted_torch_load() -> Iterator[None]:
         torch.load = previous  # type: ignore[assignment]
 
 
-def check_torch_files(directory: str | os.PathLike, pattern: str = "*.pt") -> None:
+def check_torch_files(directory: str | os.PathLike, pattern: str = "*.pt", *, rank: int = 0, world: int = 1) -> None:
     """Load every `pattern` file under `directory` with `safe_torch_load` (tensors
     memory-mapped, not read), so that a refused object is named before anything
-    else reads the files."""
-    for path in sorted(Path(directory).rglob(pattern)):
+    else reads the files. With `world` > 1 this rank checks every world-th file only
+    (a checkpoint of N ranks has N files per kind: N ranks each opening all of them
+    would cost N^2 opens)."""
+    for path in sorted(Path(directory).rglob(pattern))[rank::world]:
         if not path.is_file():
             continue
         mmap = zipfile.is_zipfile(path)
