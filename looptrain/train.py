@@ -277,13 +277,15 @@ class Trainer:
     def _halt(self, event, metrics: dict[str, float]) -> int:
         from looptrain.monitor.halt import write_halt_record
 
-        finite = all(math.isfinite(v) for k, v in metrics.items() if k.startswith(("train/loss", "train/grad_norm")))
+        finite = all(math.isfinite(v) for k, v in metrics.items()
+                     if k.startswith(("train/loss", "train/grad_norm", "norm/")))
         checkpoint = None
         if finite:
             self.state.last_metrics = metrics
             checkpoint = self.checkpointer.save(self, reason="halt")
         if self.env.is_main:
-            write_halt_record(self.run_dir, event, self.state.step, {"checkpoint": checkpoint})
+            extra = {"checkpoint": checkpoint, **self.checkpointer.halt_note(checkpoint)}
+            write_halt_record(self.run_dir, event, self.state.step, extra)
         return exit_codes.HALTED
 
     def run(self) -> TrainResult:

@@ -116,3 +116,52 @@ def test_loss_spike_triggers_the_spike_rule(tmp_path, bible_data):
     assert result.exit_code == exit_codes.OK
     spikes = [e for e in events(r.run_dir) if e["rule"] == "loss_spike"]
     assert spikes and spikes[0]["step"] == 51 and spikes[0]["level"] in ("WARN", "ERROR")
+
+
+def test_a_halt_never_costs_the_last_good_checkpoint(tmp_path, bible_data, capsys):
+    """A run that crosses the halt threshold, checkpointing every 5 steps and keeping only the newest:
+    the last checkpoint that passed every rule survives the halt, the halt checkpoint is marked as
+    such, the halt message names the good one, and rerunning with a lower lr starts from it and
+    does not halt. Resuming the halt checkpoint itself (explicitly) does not inherit the tripped
+    rule's patience count."""
+    from looptrain.checkpoint.layout import committed
+    from looptrain.checkpoint.manifest import read_manifest
+    from looptrain.train import main_worker
+
+    # The lr warms up to a value that blows the state up within ~15 steps; RMS halt threshold 100.
+    keep = ("checkpoint.every=5", "checkpoint.keep_last=1", "optim.schedule.name=warmup_cosine",
+            "optim.schedule.warmup_steps=40", "optim.schedule.min_lr_ratio=1.0",
+            "monitor.final_rms.warn=30", "monitor.final_rms.halt=100", "train.steps=25")
+    r = recipe(tmp_path, bible_data, *keep, "optim.lr=0.2")
+    capsys.readouterr()
+    assert main_worker(r) == exit_codes.HALTED
+    out = capsys.readouterr().out
+    halted = json.load(open(os.path.join(r.run_dir, "HALTED.json")))
+    halt_ckpt, good = halted["extra"]["checkpoint"], halted["extra"]["resume_from"]
+    assert halt_ckpt and good and good != halt_ckpt
+    assert f"a changed recipe (e.g. a lower optim.lr) to start from {good}" in out
+    assert read_manifest(halt_ckpt)["reason"] == "halt" and read_manifest(halt_ckpt)["healthy"] is False
+    assert read_manifest(good)["healthy"] is True
+    names = [p.name for p in committed(os.path.join(r.run_dir, "checkpoints"))]
+    assert os.path.basename(good) in names and os.path.basename(halt_ckpt) in names  # kept despite keep_last=1
+    good_step = int(os.path.basename(good).split("_")[1])
+
+    # Explicitly resuming the halt checkpoint under a changed recipe: the patience count starts afresh,
+    # so the rule needs `patience` (2) new checks over the threshold before it halts again.
+    explicit = recipe(tmp_path, bible_data, *keep, "optim.lr=1e-3", f"checkpoint.resume={halt_ckpt}", "name=again")
+    code = main_worker(explicit)
+    if code == exit_codes.HALTED:
+        again = json.load(open(os.path.join(explicit.run_dir, "HALTED.json")))
+        assert again["step"] >= halted["step"] + 2 * 5, (again["step"], halted["step"])
+
+    # The advice followed: a lower lr in the same run directory starts from the good checkpoint.
+    capsys.readouterr()
+    lower = recipe(tmp_path, bible_data, *keep, "optim.lr=1e-3")
+    assert main_worker(lower) == exit_codes.OK
+    out = capsys.readouterr().out
+    assert f"resumed from {good} at step {good_step}" in out
+    assert not os.path.exists(os.path.join(r.run_dir, "HALTED.json"))
+    # The diverged branch was set aside, so that no later `resume: auto` continues it.
+    assert not os.path.exists(halt_ckpt)
+    assert [p.name for p in committed(os.path.join(r.run_dir, "checkpoints"))][-1] == "step_00000025"
+    assert any(p.startswith("superseded-" + os.path.basename(halt_ckpt)) for p in os.listdir(os.path.dirname(good)))

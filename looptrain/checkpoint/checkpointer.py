@@ -24,6 +24,7 @@ process is about to exit.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,11 +34,14 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from looptrain.checkpoint import payload
 from looptrain.checkpoint.compat import check_compatible
 from looptrain.checkpoint.errors import CheckpointError
+from looptrain.checkpoint.health import SUPERSEDED_PREFIX, is_good, last_good_checkpoint, without_patience
 from looptrain.checkpoint.layout import (
+    LATEST_FILE,
     TMP_PREFIX,
     checkpoints_dir,
     committed,
@@ -48,6 +52,7 @@ from looptrain.checkpoint.layout import (
 from looptrain.checkpoint.manifest import read_manifest, validate, write_manifest
 from looptrain.fileio import fsync_dir
 from looptrain.checkpoint.retention import remove_dir, apply_retention
+from looptrain.checkpoint.save_errors import CheckpointSaveError, save_failure
 from looptrain.config.loader import recipe_hash, recipe_to_dict
 from looptrain.config.schema import Recipe
 from looptrain.state import capture_rng_state, restore_rng_state, seed_everything
@@ -70,6 +75,7 @@ class _Decision:
     error: Optional[str] = None
     notes: tuple[str, ...] = ()
     halted: bool = False
+    superseded: tuple[str, ...] = ()  # newer checkpoints of a halted run that a changed recipe leaves behind
 
 
 def _distributed() -> bool:
@@ -146,10 +152,26 @@ class Checkpointer:
             self._say(note)
         if decision.error:
             raise CheckpointError(decision.error)
+        if decision.superseded and self.env.is_main:
+            self._set_aside(decision.superseded, decision.path)
         if decision.path is None:
             return False
         self._load(trainer, Path(decision.path), halted=decision.halted)
         return True
+
+    def _set_aside(self, paths: tuple[str, ...], resume_path: Optional[str]) -> None:
+        """Rename the halted branch's newer checkpoints out of the `step_*` namespace, so that a
+        later `resume: auto` (after a preemption, say) never continues the diverged branch;
+        they stay on disk for inspection (and for checkpoint.resume=PATH)."""
+        for path in map(Path, paths):
+            target = path.with_name(f"{SUPERSEDED_PREFIX}{path.name}-{int(time.time())}")
+            os.replace(path, target)
+            self._say(f"moved {path.name} to {target.name}: a changed recipe continues from "
+                      f"{Path(resume_path).name if resume_path else 'step 0'}")
+        if resume_path is not None:
+            write_latest(self.root, Path(resume_path).name)
+        else:
+            (self.root / LATEST_FILE).unlink(missing_ok=True)
 
     def _decide(self, mode: str, force: bool) -> _Decision:
         """Rank 0 picks (and fully validates) the checkpoint; the result is broadcast."""
@@ -176,6 +198,7 @@ class Checkpointer:
         candidates = list(reversed(committed(self.root)))
         halt = read_halt_record(str(self.run_dir))
         halted = halt is not None
+        good_only = False
         if halt is not None:
             current = recipe_hash(self.recipe)
             halted_hash = self._halted_recipe_hash(halt, candidates)
@@ -183,19 +206,29 @@ class Checkpointer:
             if force:
                 notes.append(f"resuming a run the norm monitor halted ({what}) because of --force-resume")
             elif halted_hash is not None and halted_hash != current:
+                good_only = True
                 notes.append(
                     f"resuming a run the norm monitor halted ({what}): the recipe changed since "
-                    f"(hash {halted_hash} -> {current})"
+                    f"(hash {halted_hash} -> {current}); starting from the last checkpoint that passed every "
+                    "monitor rule"
                 )
             else:
+                good = last_good_checkpoint(self.root)
+                start = f"from {good}" if good is not None else "from step 0 (no checkpoint passed every rule)"
                 raise CheckpointError(
                     f"{self.run_dir / 'HALTED.json'}: the norm monitor halted this run ({what}: "
                     f"{halt.get('message', '')}); `resume: auto` does not continue a halted run. Either change the "
                     "recipe (e.g. a lower optim.lr or a scale control such as objective.norm_penalty.weight) and "
-                    "run again, or pass --force-resume to continue it unchanged"
+                    f"run again, which starts {start}, or pass --force-resume to continue it unchanged"
                 )
         refused: list[str] = []
+        superseded: list[str] = []
         for i, path in enumerate(candidates):
+            if good_only and not is_good(path):
+                notes.append(f"skipped {path.name}: saved after a monitor rule failed (a halt checkpoint or one "
+                             "inside a rule's patience); pass checkpoint.resume=PATH to start from it anyway")
+                superseded.append(str(path))
+                continue
             try:
                 manifest = validate(path)
             except CheckpointError as err:
@@ -204,14 +237,15 @@ class Checkpointer:
                 refused.append(path.name)
                 continue
             notes.extend(self._check_fits(path, manifest))
-            return _Decision(path=str(path), notes=tuple(notes), halted=halted)
+            return _Decision(path=str(path), notes=tuple(notes), halted=halted, superseded=tuple(superseded))
         if refused:
             raise CheckpointError(
                 f"{self.root}: none of the checkpoints {', '.join(refused)} passed validation (see above); "
                 "repair or delete them, or set checkpoint.resume=none to start this run over"
             )
-        notes.append(f"no checkpoint in {self.root}: starting from step 0")
-        return _Decision(notes=tuple(notes), halted=halted)
+        notes.append(f"no checkpoint in {self.root}: starting from step 0" if not superseded else
+                     f"no checkpoint in {self.root} passed every monitor rule: starting from step 0")
+        return _Decision(notes=tuple(notes), halted=halted, superseded=tuple(superseded))
 
     def _halted_recipe_hash(self, halt: dict, candidates: list[Path]) -> Optional[str]:
         extra = halt.get("extra") or {}
@@ -265,6 +299,8 @@ class Checkpointer:
         if state.depth_sampler:
             trainer.sampler.load_state_dict(state.depth_sampler)
         if state.monitor:
+            if saved.recipe_hash and saved.recipe_hash != recipe_hash(self.recipe):
+                state.monitor = without_patience(state.monitor)  # a changed recipe starts its rules afresh
             trainer.monitor.load_state_dict(state.monitor)
         rng = payload.load_rng(path, self.env.rank)
         if rng is not None:
@@ -319,19 +355,34 @@ class Checkpointer:
             _remove_tree(tmp)
             tmp.mkdir(parents=True)
         _barrier()
-        payload.save_rng(tmp, self.env.rank, capture_rng_state())
-        if self.env.is_main:
-            payload.save_trainer_state(tmp, state)
-            payload.save_recipe(tmp, recipe_to_dict(self.recipe))
         info = self._manifest_info(state, reason)
+        info["healthy"] = reason != "halt" and self._healthy(trainer)
         use_async = self.use_async and reason == "interval"
-        future = self.store.save(tmp, use_async=use_async)
+        try:
+            payload.save_rng(tmp, self.env.rank, capture_rng_state())
+            if self.env.is_main:
+                payload.save_trainer_state(tmp, state)
+                payload.save_recipe(tmp, recipe_to_dict(self.recipe))
+            future = self.store.save(tmp, use_async=use_async)
+        except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+            failure = self._save_failed(err, step, tmp)
+            if failure is err:
+                raise
+            raise failure from None
         self.last_saved_step = step
         if future is None:
             _barrier()
+            failure, failed = None, None
             if self.env.is_main:
-                self._commit(tmp, final, info)
-            _barrier()
+                try:
+                    self._commit(tmp, final, info)
+                except Exception as err:
+                    failure = self._save_failed(err, step, tmp)
+                    failed = str(failure)
+            # Every rank learns whether rank 0 committed (this is also the barrier after the commit).
+            failed = _broadcast(failed)
+            if failed:
+                raise failure if failure is not None else CheckpointSaveError(failed)
             self.last_save_blocking_s = time.perf_counter() - started
             self._say(f"saved {final} ({reason}, {self.last_save_blocking_s:.2f} s)")
             return str(final)
@@ -348,6 +399,45 @@ class Checkpointer:
         self._finish_pending(block=True)
 
     # ---------------------------------------------------------------- helpers
+    def _healthy(self, trainer) -> bool:
+        """Whether the state being saved passed every monitor rule that can halt the run (no such
+        rule over its halt threshold at the last check) and every statistic is finite, including
+        the hidden-state norms accumulated since the last log."""
+        monitor = self.recipe.monitor
+        rules = (trainer.state.monitor or {}).get("rules", {})
+        for name, counters in rules.items():
+            rule = getattr(monitor, name, None)
+            if monitor.enabled and rule is not None and rule.enabled and rule.action == "halt" \
+                    and int(counters.get("halt_streak", 0)) > 0:
+                return False
+        watched = ("train/loss", "train/grad_norm", "norm/")
+        if not all(math.isfinite(v) for k, v in trainer.state.last_metrics.items() if k.startswith(watched)):
+            return False
+        norms = getattr(trainer, "norms", None)
+        return norms is None or norms.finite()
+
+    def halt_note(self, halt_checkpoint: Optional[str]) -> dict[str, Any]:
+        """Rank 0, on a halt: say which checkpoint a changed recipe starts from; returns the
+        entries for HALTED.json."""
+        good = last_good_checkpoint(self.root)
+        start = f"from {good} (the last checkpoint that passed every monitor rule)" if good else (
+            "from step 0 (no checkpoint passed every monitor rule)")
+        forced = f"; --force-resume continues from {halt_checkpoint}" if halt_checkpoint else ""
+        self._say(f"halted: run again with a changed recipe (e.g. a lower optim.lr) to start {start}{forced}")
+        return {"resume_from": str(good) if good else None, "recipe_hash": recipe_hash(self.recipe)}
+
+    def _save_failed(self, err: BaseException, step: int, tmp: Path) -> BaseException:
+        """Remove the partial directory (rank 0) and describe the failure (a full disk in one line)."""
+        self.last_saved_step = None
+        return save_failure(err, step=step, tmp=tmp, ckpt_root=self.root, estimate=self._state_bytes(),
+                            remove=self.env.is_main)
+
+    def _state_bytes(self) -> int:
+        """About what a checkpoint of this model takes: fp32 weights and two Adam moments
+        (and DeepSpeed's fp32 master copy), for when no earlier checkpoint says it exactly."""
+        numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in self.backend.module.parameters())
+        return numel * 4 * (4 if self.deepspeed else 3)
+
     def _manifest_info(self, state, reason: str) -> dict[str, Any]:
         import looptrain
 
@@ -378,8 +468,15 @@ class Checkpointer:
             remove_dir(final)
         os.replace(tmp, final)
         fsync_dir(self.root)
-        write_latest(self.root, final.name)
+        try:
+            write_latest(self.root, final.name)
+        except OSError:  # e.g. a full disk: undo the rename, so that `latest` and the set of checkpoints agree
+            remove_dir(final)
+            raise
         protected = [self.resumed_from] if self.resumed_from is not None else []
+        good = last_good_checkpoint(self.root)  # a halt must never cost the last good checkpoint
+        if good is not None:
+            protected.append(good)
         apply_retention(self.root, self.cfg.keep_last, self.cfg.keep_every, protected=protected)
 
     def _finish_pending(self, block: bool) -> None:
@@ -389,9 +486,12 @@ class Checkpointer:
         self._pending = None
         try:
             pending.future.result()
-        except Exception as err:
+        except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+            failure = self._save_failed(err, pending.step, pending.final.with_name(TMP_PREFIX + pending.final.name))
+            if isinstance(failure, CheckpointSaveError):
+                raise failure from None
             raise RuntimeError(
-                f"asynchronous checkpoint of step {pending.step} ({pending.final}) failed: {err}; the previous "
+                f"asynchronous checkpoint of step {pending.step} ({pending.final}) failed: {failure}; the previous "
                 f"checkpoint in {self.root} is still the newest"
             ) from err
         took = (pending.finished or time.perf_counter()) - pending.started

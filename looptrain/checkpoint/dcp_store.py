@@ -25,9 +25,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from looptrain.checkpoint.errors import CheckpointError
+from looptrain.checkpoint.safe_load import dcp_load
 
 DCP_DIR = "model"  # holds .metadata and the __<rank>_<n>.distcp shards
 MODEL_KEY = "model"
@@ -86,8 +88,10 @@ class DCPStore:
             raise CheckpointError(f"{target}: no DCP metadata; the checkpoint is incomplete, resume from another one")
         state = self._state()
         try:
-            dcp.load(state, checkpoint_id=str(target), no_dist=not _distributed())
-        except Exception as err:  # DCP reports missing keys / shape mismatches as CheckpointException
+            dcp_load(state, target, no_dist=not _distributed())  # restricted unpickling (safe_load.py)
+        except CheckpointError:
+            raise
+        except (Exception, CheckpointException) as err:  # missing keys / shape mismatches: CheckpointException
             first = str(err).strip().splitlines()[0][:400] if str(err).strip() else type(err).__name__
             raise CheckpointError(
                 f"{target}: the model/optimizer state does not load into this model ({first}); check that the "

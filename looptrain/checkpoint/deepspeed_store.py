@@ -8,7 +8,9 @@ by rank 0 into `<checkpoints>/.universal-<name>-<id>/` and reused by later
 resumes), then loaded with the engine's universal-checkpoint switch on.
 
 DeepSpeed's own files are read by DeepSpeed's loader; looptrain checks their
-sizes and digests against the manifest before DeepSpeed opens them.
+sizes and digests against the manifest, and loads each weights-only, before
+DeepSpeed opens them, and DeepSpeed's own reads are restricted to weights-only
+loading too (`safe_load.restricted_torch_load`), so a crafted file cannot run code.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.distributed as dist
 
 from looptrain.checkpoint.errors import CheckpointError
 from looptrain.checkpoint.layout import UNIVERSAL_PREFIX
+from looptrain.checkpoint.safe_load import check_torch_files, restricted_torch_load
 
 DS_DIR = "deepspeed"  # DeepSpeed's save_dir inside a checkpoint
 TAG = "state"  # DeepSpeed's tag: the sub-directory with the rank files
@@ -48,11 +51,13 @@ def convert_to_universal(source: Path, out: Path, *, workers: int = max(1, min(8
     """Run DeepSpeed's converter on source/deepspeed/state into out/state (atomically)."""
     if (out / _COMPLETE).is_file():
         return
+    check_torch_files(source / DS_DIR / TAG)  # a crafted file is refused before the converter reads it
     work = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     cmd = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        # The converter runs with torch.load restricted to weights-only loading (safe_load.py).
+        sys.executable, "-m", "looptrain.checkpoint.safe_load", "deepspeed.checkpoint.ds_to_universal",
         "--input_folder", str(source / DS_DIR / TAG),
         "--output_folder", str(work / TAG),
         "--num_extract_workers", str(workers),
@@ -133,13 +138,19 @@ class DeepSpeedStore:
         )
 
     def _load(self, load_dir: Path, *, universal: bool, where: Path) -> None:
+        # Every file DeepSpeed will read is first loaded weights-only (tensors memory-mapped),
+        # then DeepSpeed reads them with torch.load restricted the same way (safe_load.py).
+        check_torch_files(load_dir / TAG, rank=self.env.rank, world=self.env.world_size)
         config = self.engine._config
         previous = config.load_universal_checkpoint
         config.load_universal_checkpoint = universal
         try:
-            path, _client = self.engine.load_checkpoint(
-                str(load_dir), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-            )
+            with restricted_torch_load():
+                path, _client = self.engine.load_checkpoint(
+                    str(load_dir), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+                )
+        except CheckpointError:
+            raise
         except Exception as err:
             first = str(err).strip().splitlines()[0][:400] if str(err).strip() else type(err).__name__
             raise CheckpointError(

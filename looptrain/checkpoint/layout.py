@@ -62,11 +62,13 @@ def write_latest(ckpt_root: str | os.PathLike, name: str) -> None:
 
 
 def read_latest(ckpt_root: str | os.PathLike) -> Optional[str]:
+    """The checkpoint name `latest` holds; None when absent, unreadable or not a `step_N` name
+    (a pointer such as `../../elsewhere` never leads a load out of the checkpoints directory)."""
     try:
-        name = (Path(ckpt_root) / LATEST_FILE).read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
+        name = (Path(ckpt_root) / LATEST_FILE).read_text(errors="replace").strip()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
         return None
-    return name or None
+    return name if _STEP_NAME.match(name) else None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from looptrain.checkpoint.errors import CheckpointError
+from looptrain.checkpoint.safe_load import safe_torch_load
+from looptrain.redact import redact
 from looptrain.state import TrainerState
 
 TRAINER_STATE_FILE = "trainer_state.pt"
@@ -49,7 +51,7 @@ def _load(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; the checkpoint is incomplete, resume from another one")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return safe_torch_load(path, map_location="cpu", extra_globals=False)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
@@ -138,7 +140,7 @@ def load_trainer_state(directory: Path) -> TrainerState:
 def save_recipe(directory: Path, recipe_dict: dict[str, Any]) -> None:
     path = directory / RECIPE_FILE
     with open(path, "w") as f:
-        json.dump(recipe_dict, f, indent=1)
+        json.dump(redact(recipe_dict), f, indent=1)  # no credential in a checkpoint
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())

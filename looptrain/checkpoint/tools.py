@@ -22,6 +22,7 @@ from looptrain.checkpoint import payload
 from looptrain.checkpoint.errors import CheckpointError
 from looptrain.checkpoint.layout import resolve_checkpoint
 from looptrain.checkpoint.manifest import read_manifest, validate
+from looptrain.checkpoint.safe_load import UnsafeCheckpointError
 
 TRAIN_MODULE_PREFIX = "model."  # the train module holds the LoopedLM as `.model`
 WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
@@ -141,6 +142,8 @@ def inspect_checkpoint(path: str | Path, current_recipe: Any = None) -> str:
         lines.extend(_norm_lines(state.last_metrics, state.step))
         if state.wandb_run_id:
             lines.append(f"  W&B run id {state.wandb_run_id}")
+    except UnsafeCheckpointError:
+        raise  # a crafted file is refused outright, not summarised
     except CheckpointError as err:
         lines.append(f"trainer state: unreadable ({err})")
     return "\n".join(lines)
@@ -170,14 +173,17 @@ def _model_config(ckpt: Path):
 
 
 def _dcp_weights(ckpt: Path, names: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from looptrain.checkpoint.dcp_store import DCP_DIR, MODEL_KEY
+    from looptrain.checkpoint.safe_load import dcp_load
 
     request = {MODEL_KEY: {TRAIN_MODULE_PREFIX + n: torch.empty_like(t) for n, t in names.items()}}
     try:
-        dcp.load(request, checkpoint_id=str(ckpt / DCP_DIR), no_dist=True)
-    except Exception as err:
+        dcp_load(request, ckpt / DCP_DIR, no_dist=True)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as err:
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{ckpt / DCP_DIR}: the model weights do not load ({first})") from err
     return {clean_name(k): v for k, v in request[MODEL_KEY].items()}
@@ -186,15 +192,18 @@ def _dcp_weights(ckpt: Path, names: dict[str, torch.Tensor]) -> dict[str, torch.
 def _deepspeed_weights(ckpt: Path, manifest: dict) -> dict[str, torch.Tensor]:
     from looptrain.checkpoint.deepspeed_store import DS_DIR, TAG
 
+    from looptrain.checkpoint.safe_load import check_torch_files, restricted_torch_load, safe_torch_load
+
+    check_torch_files(ckpt / DS_DIR / TAG)  # a crafted file is refused before DeepSpeed reads it
     if int(manifest.get("zero_stage") or 0) == 0:
-        # No ZeRO partitions: the model-states file holds the full module. It is
-        # DeepSpeed's own pickle, read only after its digest matched the manifest.
-        blob = torch.load(ckpt / DS_DIR / TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        # No ZeRO partitions: the model-states file holds the full module.
+        blob = safe_torch_load(ckpt / DS_DIR / TAG / "mp_rank_00_model_states.pt", map_location="cpu")
         state = blob["module"]
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / DS_DIR), tag=TAG)
+        with restricted_torch_load():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt / DS_DIR), tag=TAG)
     return {clean_name(k): v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 

@@ -308,7 +308,9 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False, default_flow_style=None)
+    from looptrain.redact import redact  # written and printed: no credential in it
+
+    return yaml.safe_dump(redact(recipe_to_dict(recipe)), sort_keys=False, default_flow_style=None)
 
 
 def recipe_hash(recipe: Recipe) -> str:

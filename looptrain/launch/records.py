@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from looptrain.fileio import read_jsonl, write_text_atomic
+from looptrain.redact import redact
 
 LAUNCH_FILE = "launch.json"
 SWEEP_FILE = "sweep.json"
@@ -58,7 +59,7 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> Path:
     """Write a JSON file atomically (temp file + rename): a reader never sees half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    return write_text_atomic(path, json.dumps(redact(data), indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Optional[dict[str, Any]]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from looptrain.launch import records
 from looptrain.launch.profile import ClusterProfile, LaunchError
+from looptrain.redact import redact_shell
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "sbatch.template.sh"
 _PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
@@ -89,7 +90,8 @@ def render_sbatch(
     unknown = sorted(set(_PLACEHOLDER.findall(text)) - set(values))
     if unknown:
         raise LaunchError(f"{template}: unknown placeholders {', '.join(unknown)}")
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+    # No credential is written into the script: secret exports refer to the submitting environment.
+    return redact_shell(_PLACEHOLDER.sub(lambda m: values[m.group(1)], text))
 
 
 def write_sbatch(path: str | os.PathLike, text: str) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from looptrain.config import Recipe, RecipeError, recipe_to_dict, recipe_to_yaml
+from looptrain.redact import redact_shell
 from looptrain.config.schema import check_world_size
 from looptrain.launch import records
 from looptrain.launch.profile import ClusterProfile, LaunchError
@@ -55,7 +56,7 @@ def submitit_parameters(
     }
     params.update({k: v for k, v in optional.items() if v is not None})
     if profile.setup:
-        params["setup"] = list(profile.setup)
+        params["setup"] = redact_shell("\n".join(profile.setup)).splitlines()  # no credential in the script
     if array_parallelism is not None:
         params["array_parallelism"] = array_parallelism
     return params

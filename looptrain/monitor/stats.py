@@ -155,6 +155,11 @@ class LoopNormAccumulator:
                 metrics[f"norm/ratio/{k}"] = means[k] / prev if prev > 0 else math.inf
         return metrics
 
+    def finite(self) -> bool:
+        """Whether every state accumulated since the last read had a finite norm
+        (one host sync; called when a checkpoint is judged, not per step)."""
+        return bool(torch.isfinite(self._sums).all() and torch.isfinite(self._max).all())
+
     def reset(self) -> None:
         self._sums.zero_()
         self._max.zero_()

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from looptrain.config.loader import deep_merge
 from looptrain.config.schema import Recipe, RecipeError
 from looptrain.fileio import write_text_atomic
+from looptrain.redact import redact
 from looptrain.optim import param_groups
 from looptrain.parallel.activation import apply_activation_checkpointing, apply_compile
 from looptrain.parallel.base import Backend, reject_fsdp2_options
@@ -124,7 +125,7 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
 def write_config(config: dict[str, Any], run_dir: str) -> str:
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, CONFIG_FILE)
-    write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True))
+    write_text_atomic(path, json.dumps(redact(config), indent=2, sort_keys=True))  # no credential in the file
     return path
 
 

@@ -13,6 +13,7 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 from looptrain.config.schema import RecipeError, TrackingConfig
+from looptrain.redact import redact
 
 # Metric families drawn as one chart with one line per loop.
 PER_LOOP_FAMILIES = ("norm/mean", "norm/rms", "norm/p99", "norm/max", "norm/ratio", "train/loss_exit", "val/loss")
@@ -113,7 +114,7 @@ class WandbRun:
             group=cfg.group,
             name=name,
             tags=list(cfg.tags) or None,
-            config=config_dict,
+            config=redact(config_dict),  # W&B stores the config in the run directory and its servers
             dir=os.path.abspath(run_dir),
             mode=mode,
         )
