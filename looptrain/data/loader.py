@@ -109,9 +109,17 @@ def _check_split(root: Path, split: str, meta: dict) -> None:
                 f"{index_path}: shards hold {shard.get('column_names')} {shard.get('column_encodings')}, "
                 f"expected [{TOKENS_COLUMN!r}] [{expected!r}]; re-run `looptrain prepare --overwrite`"
             )
-        missing = root / split / shard["raw_data"]["basename"]
-        if not missing.is_file():
-            raise DataError(f"{missing}: shard missing; re-run `looptrain prepare --overwrite`")
+        path = root / split / shard["raw_data"]["basename"]
+        if not path.is_file():
+            raise DataError(f"{path}: shard missing; re-run `looptrain prepare --overwrite`")
+        # A truncated or padded shard would fail mid-epoch with an IndexError
+        # from streaming; its size is in the index, so compare it now (one stat).
+        expected_bytes, found_bytes = shard["raw_data"].get("bytes"), path.stat().st_size
+        if expected_bytes is not None and found_bytes != expected_bytes:
+            raise DataError(
+                f"{path}: {found_bytes} bytes but index.json says {expected_bytes} (truncated or damaged copy); "
+                "copy the dataset again or re-run `looptrain prepare --overwrite`"
+            )
 
 
 def check_dataset(

@@ -158,6 +158,7 @@ def prepare_dataset(
         source = inputs
     else:
         source = DocumentSource.from_inputs(inputs, text_field, text_split)
+    check_replaceable(out_dir, source.describe.get("files", []))
     if tokenizer_path is not None and not Path(tokenizer_path).is_file():
         raise DataError(f"{tokenizer_path}: no tokenizer model here; drop --tokenizer to train one")
 
@@ -289,6 +290,51 @@ def _prepare_into(
     return summary
 
 
+# What `looptrain prepare` writes at the top of a dataset directory: the only
+# entries --overwrite may delete.
+DATASET_ENTRIES = frozenset({"dataset.json", "tokenizer.model", "tokenizer.json", *SPLITS})
+
+
+def check_replaceable(out_dir: Path, inputs: Sequence[str | os.PathLike]) -> None:
+    """Refuse to overwrite anything but an empty directory or a finished dataset, or one holding an input.
+
+    --overwrite replaces a dataset; it must never delete a user's files (a
+    corpus, a directory given by mistake), so a directory whose top level holds
+    anything `looptrain prepare` does not write, or that lacks dataset.json,
+    is refused with the name of what is in the way.
+    """
+    if not out_dir.exists():
+        return
+    resolved = out_dir.resolve()
+    for item in inputs:
+        path = Path(item).resolve()
+        if path == resolved or resolved in path.parents:
+            raise DataError(
+                f"{out_dir}: holds the input {item}; --out must be a new directory, not one with the corpus in it"
+            )
+    if not out_dir.is_dir():
+        raise DataError(f"{out_dir}: is a file, not a dataset directory; choose another --out")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    foreign = [name for name in entries if name not in DATASET_ENTRIES]
+    if foreign or "dataset.json" not in entries:
+        what = f"holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}" if foreign else "has no dataset.json"
+        raise DataError(
+            f"{out_dir}: not a prepared dataset ({what}), so --overwrite will not delete it; "
+            "choose another --out or empty it yourself"
+        )
+    try:
+        fmt = json.loads((out_dir / "dataset.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None
+    if fmt != DATASET_FORMAT:
+        raise DataError(
+            f"{out_dir}: dataset.json is not a looptrain dataset's, so --overwrite will not delete it; "
+            "choose another --out"
+        )
+
+
 def _commit(work: Path, out_dir: Path, overwrite: bool) -> None:
     """Rename the finished work directory to out_dir (moving an old one aside first)."""
     if not out_dir.exists():
@@ -299,6 +345,7 @@ def _commit(work: Path, out_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise DataError(f"{out_dir}: appeared while preparing; pass --overwrite to replace it")
+    check_replaceable(out_dir, [])
     old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
     shutil.rmtree(old, ignore_errors=True)
     os.rename(out_dir, old)
