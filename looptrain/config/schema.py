@@ -174,11 +174,31 @@ class ObjectiveConfig:
 
 
 @dataclass
+class StreamConfig:
+    """One prepared dataset of a mixture: a local directory or a remote URI (s3://, gs://, hf://, ...).
+
+    At most one weight: `proportion` (share of each epoch; all streams or
+    none, summing to 1), `repeat` (epochs of this stream per epoch) or
+    `choose` (samples per epoch). `name` labels its validation metrics
+    (default: the last path component).
+    """
+
+    path: str = ""
+    name: Optional[str] = None
+    proportion: Optional[float] = None
+    repeat: Optional[float] = None
+    choose: Optional[int] = None
+
+
+@dataclass
 class DataConfig:
-    """A prepared dataset directory (made by `looptrain prepare`).
+    """A prepared dataset directory (made by `looptrain prepare`), or a mixture of streams.
 
     Layout: DIR/tokenizer.model, DIR/dataset.json, DIR/train/ and DIR/val/
     MDS shards of token sequences of length model.max_seq_len + 1.
+    `streams`, when given, replaces `dir` (which is the one-stream shorthand).
+    Remote streams are cached in `cache_dir` (default: a directory per job
+    under TMPDIR).
     """
 
     dir: str = "data/quickstart"
@@ -187,6 +207,9 @@ class DataConfig:
     num_workers: int = 0
     num_canonical_nodes: Optional[int] = None
     predownload: Optional[int] = None
+    streams: list[StreamConfig] = field(default_factory=list)
+    cache_dir: Optional[str] = None
+    download_timeout: float = 60.0
 
 
 # ---------------------------------------------------------------------- optim

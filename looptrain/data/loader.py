@@ -88,7 +88,7 @@ def _load_meta(root: Path) -> dict:
     return meta
 
 
-def _check_split(root: Path, split: str, meta: dict) -> None:
+def _check_split(root: Path, split: str, meta: dict, check_shards: bool = True) -> None:
     index_path = root / split / "index.json"
     if split not in meta.get("splits", {}):
         fix = (
@@ -103,12 +103,16 @@ def _check_split(root: Path, split: str, meta: dict) -> None:
         )
     index = json.loads(index_path.read_text())
     expected = f"ndarray:{meta['dtype']}:{meta['seq_len'] + 1}"
+    if not index.get("shards"):
+        raise DataError(f"{index_path}: lists no shards; re-run `looptrain prepare --overwrite`")
     for shard in index.get("shards", []):
         if shard.get("column_names") != [TOKENS_COLUMN] or shard.get("column_encodings") != [expected]:
             raise DataError(
                 f"{index_path}: shards hold {shard.get('column_names')} {shard.get('column_encodings')}, "
                 f"expected [{TOKENS_COLUMN!r}] [{expected!r}]; re-run `looptrain prepare --overwrite`"
             )
+        if not check_shards:  # a remote stream's shards arrive while training
+            continue
         path = root / split / shard["raw_data"]["basename"]
         if not path.is_file():
             raise DataError(f"{path}: shard missing; re-run `looptrain prepare --overwrite`")
@@ -127,6 +131,7 @@ def check_dataset(
     seq_len: int,
     vocab_size: int,
     splits: Sequence[str] = ("train",),
+    check_shards: bool = True,
 ) -> DatasetInfo:
     """Validate a prepared dataset against the model before anything heavy is built.
 
@@ -162,7 +167,7 @@ def check_dataset(
             f"set model.max_seq_len={data_seq_len} or re-prepare with --seq-len {seq_len}"
         )
     for split in splits:
-        _check_split(root, split, meta)
+        _check_split(root, split, meta, check_shards)
     return DatasetInfo(
         dir=root,
         vocab_size=data_vocab,
@@ -223,10 +228,15 @@ def _build(
     micro_batch_size: int,
     shuffle: bool,
     drop_last: bool,
+    stream: str | None = None,
 ):
+    from looptrain.data.streams import resolve_streams, streaming_streams
+
     if micro_batch_size < 1:
         raise DataError(f"micro_batch_size={micro_batch_size}: must be >= 1")
-    info = check_dataset(cfg.dir, seq_len, vocab_size, splits=(split,))
+    resolved = resolve_streams(cfg, seq_len=seq_len, vocab_size=vocab_size, splits=(split,), only=stream)
+    if split == "val":
+        resolved = [s for s in resolved if "val" in s.info.splits]
     ensure_streaming_env()
     remove_stale_streaming_state()
 
@@ -236,7 +246,8 @@ def _build(
     for attempt in range(5):
         try:
             dataset = streaming.StreamingDataset(
-                local=str((info.dir / split).resolve()),
+                streams=streaming_streams(resolved, split, weighted=split == "train",
+                                          download_timeout=cfg.download_timeout),
                 batch_size=micro_batch_size,
                 shuffle=shuffle,
                 shuffle_seed=cfg.shuffle_seed,
@@ -262,7 +273,7 @@ def _build(
         # dropout stream of the model.
         generator=torch.Generator().manual_seed(cfg.shuffle_seed),
     )
-    return info, loader
+    return resolved, loader
 
 
 def build_train_loader(
@@ -287,7 +298,7 @@ def build_train_loader(
             f"global batch {global_batch_size} is not a multiple of micro_batch_size {micro_batch_size} x "
             f"world size {world}; change train.global_batch_size or train.micro_batch_size"
         )
-    info, loader = _build(
+    resolved, loader = _build(
         cfg,
         "train",
         seq_len=seq_len,
@@ -296,16 +307,32 @@ def build_train_loader(
         shuffle=cfg.shuffle,
         drop_last=True,
     )
-    sequences = int(info.splits["train"]["sequences"])
+    sequences = int(loader.dataset.epoch_size)
     if sequences < micro_batch_size * world:
+        where = resolved[0].where if len(resolved) == 1 else "data.streams"
         raise DataError(
-            f"{info.dir}: the train split has {sequences} sequences, fewer than one batch "
+            f"{where}: the train split has {sequences} sequences, fewer than one batch "
             f"({micro_batch_size} x {world} ranks); use more text or a smaller train.micro_batch_size"
         )
     return loader
 
 
-def build_val_loader(cfg: DataConfig, *, seq_len: int, vocab_size: int, micro_batch_size: int):
+def build_val_loaders(cfg: DataConfig, *, seq_len: int, vocab_size: int, micro_batch_size: int) -> dict:
+    """One validation loader per stream that has a val split, by stream name."""
+    from looptrain.data.streams import resolve_streams
+
+    resolved = resolve_streams(cfg, seq_len=seq_len, vocab_size=vocab_size, splits=("val",))
+    return {
+        s.name: build_val_loader(cfg, seq_len=seq_len, vocab_size=vocab_size, micro_batch_size=micro_batch_size,
+                                 stream=s.name)
+        for s in resolved
+        if "val" in s.info.splits
+    }
+
+
+def build_val_loader(
+    cfg: DataConfig, *, seq_len: int, vocab_size: int, micro_batch_size: int, stream: str | None = None
+):
     """The validation StreamingDataLoader of this rank: fixed order, every sequence once.
 
     No shuffling, and the last partial batch is kept. Ranks read disjoint
@@ -320,6 +347,7 @@ def build_val_loader(cfg: DataConfig, *, seq_len: int, vocab_size: int, micro_ba
         micro_batch_size=micro_batch_size,
         shuffle=False,
         drop_last=False,
+        stream=stream,
     )
     return loader
 
