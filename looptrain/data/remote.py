@@ -82,6 +82,39 @@ def explain(err: BaseException, uri: str, what: str = "") -> RemoteError:
     return RemoteError(f"{uri}: {what or 'request failed'}{where} ({name}{': ' + first[:200] if first else ''})")
 
 
+def _check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail at once on a custom S3 endpoint that refuses connections (boto would retry for ~30 s)."""
+    endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    if urllib.parse.urlparse(uri).scheme != "s3" or not endpoint:
+        return
+    import socket
+
+    parsed = urllib.parse.urlparse(endpoint)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname or "", port), timeout=timeout).close()
+    except OSError as err:
+        raise RemoteError(
+            f"{uri}: cannot reach the object store at {endpoint} ({type(err).__name__}); "
+            "check S3_ENDPOINT_URL and the network"
+        ) from None
+
+
+def _s3_bucket_missing(uri: str) -> bool:
+    """S3 answers a missing object and a missing bucket alike (404) to a download; ask about the bucket."""
+    if urllib.parse.urlparse(uri).scheme != "s3":
+        return False
+    try:
+        import boto3
+
+        client = boto3.session.Session().client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
+        client.head_bucket(Bucket=urllib.parse.urlparse(uri).netloc)
+    except Exception as err:  # noqa: BLE001 -- only a definite 404 counts
+        response = getattr(err, "response", None)
+        return isinstance(response, dict) and str(response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket")
+    return False
+
+
 def _downloader(uri: str):
     from looptrain.data.streaming_import import import_streaming
 
@@ -101,12 +134,17 @@ def fetch(uri: str, local: str | os.PathLike, *, missing: str = "", timeout: flo
     local.parent.mkdir(parents=True, exist_ok=True)
     partial = local.with_name(f"{local.name}.part-{os.getpid()}")
     partial.unlink(missing_ok=True)
+    _check_reachable(uri)
     downloader = _downloader(uri)
     try:
         downloader.download(uri, str(partial), timeout)
     except Exception as err:  # every client has its own error types
         partial.unlink(missing_ok=True)
-        raise explain(err, uri, missing) from None
+        problem = explain(err, uri, missing)
+        if ": not found" in str(problem) and _s3_bucket_missing(uri):
+            bucket = urllib.parse.urlparse(uri).netloc
+            problem = RemoteError(f"{uri}: bucket {bucket!r} does not exist{_endpoint(uri)}; create it or fix the URI")
+        raise problem from None
     finally:
         downloader.clean_up()
     os.replace(partial, local)
@@ -122,6 +160,16 @@ def exists(uri: str, scratch: str | os.PathLike) -> bool:
             return False
         raise
     return True
+
+
+def check_target(uri: str, scratch_dir: str | os.PathLike, *, overwrite: bool) -> None:
+    """Refuse to prepare into `uri` when it already holds a dataset (unless overwrite), before any work."""
+    scratch = Path(scratch_dir) / ".probe-dataset.json"
+    try:
+        if exists(join(uri, "dataset.json"), scratch) and not overwrite:
+            raise RemoteError(f"{uri}: already holds a dataset; pass --overwrite to replace it or choose another --out")
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def publish(local_dir: str | os.PathLike, uri: str, *, overwrite: bool, last: str = "dataset.json") -> list[str]:
@@ -142,12 +190,7 @@ def publish(local_dir: str | os.PathLike, uri: str, *, overwrite: bool, last: st
     local_dir = Path(local_dir)
     names = sorted(str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.is_file())
     names = [n for n in names if n != last] + ([last] if (local_dir / last).is_file() else [])
-    scratch = local_dir.parent / f".{local_dir.name}.probe-{os.getpid()}"
-    try:
-        if not overwrite and exists(join(uri, last), scratch):
-            raise RemoteError(f"{uri}: already holds a dataset; pass --overwrite to replace it or choose another --out")
-    finally:
-        scratch.unlink(missing_ok=True)
+    check_target(uri, local_dir.parent, overwrite=overwrite)
     try:
         uploader = CloudUploader.get((str(local_dir), uri), keep_local=True, exist_ok=True)
     except Exception as err:
@@ -162,8 +205,3 @@ def publish(local_dir: str | os.PathLike, uri: str, *, overwrite: bool, last: st
 
 def remove_tree(path: str | os.PathLike) -> None:
     shutil.rmtree(path, ignore_errors=True)
-
-
-def fetch_all(pairs: Iterable[tuple[str, Path]], **kw) -> None:
-    for uri, local in pairs:
-        fetch(uri, local, **kw)
