@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from looptrain import exit_codes
-from looptrain.data.corpus import DocumentSource, corpus_text
+from looptrain.data.corpus import corpus_text
 from looptrain.data.errors import DataError
 from looptrain.data.loader import check_dataset
 from looptrain.data.prepare import prepare_dataset, read_dataset_json
@@ -105,7 +105,7 @@ def test_truncated_shard_is_named_when_the_dataset_is_opened(corpus_dir, tmp_pat
     dataset = tmp_path / "ds"
     prepare_dataset([corpus_dir], dataset, vocab_size=VOCAB, seq_len=SEQ_LEN, progress=False)
     check_dataset(dataset, SEQ_LEN, VOCAB, splits=("train", "val"))
-    shard = sorted((dataset / "train").glob("shard.*.mds"))[0]
+    shard = sorted((dataset / "train").rglob("shard.*.mds"))[0]
     size = shard.stat().st_size
     with open(shard, "r+b") as f:
         f.truncate(size - 1000)

@@ -53,12 +53,44 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help="text files: one document per blank-line-separated paragraph, or per file",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--workers", type=int, default=default_workers(),
+        help="processes encoding and writing shards (the output is the same for any number; default: the CPUs)",
+    )
+    parser.add_argument("--shard-index", type=int, default=0, help="this task's part of the corpus (0-based)")
+    parser.add_argument(
+        "--num-shards", type=int, default=1,
+        help="split the preparation into this many tasks (a Slurm job array); join them with --merge",
+    )
+    parser.add_argument(
+        "--block-mb", type=float, default=8.0,
+        help="text per encoding block (the unit of parallel work; part of what defines the output)",
+    )
+    parser.add_argument(
+        "--merge", action="store_true", help="join the parts of --num-shards tasks into --out (no INPUTs needed)"
+    )
     return parser
+
+
+def default_workers() -> int:
+    try:
+        return max(1, min(len(os.sched_getaffinity(0)), 16))
+    except AttributeError:  # not Linux
+        return max(1, min(os.cpu_count() or 1, 16))
 
 
 def run_prepare(args: argparse.Namespace) -> int:
     from looptrain.data.prepare import prepare_dataset
 
+    if args.merge:
+        from looptrain.data.prepare import merge_prepared_parts
+
+        try:
+            summary = merge_prepared_parts(args.out, args.num_shards, overwrite=args.overwrite)
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return exit_codes.BAD_INPUT
+        return _report(args, summary)
     if bool(args.inputs) == bool(args.corpus):
         print("error: give either INPUT files/directories or --corpus NAME (exactly one of them)", file=sys.stderr)
         return exit_codes.BAD_INPUT
@@ -66,6 +98,9 @@ def run_prepare(args: argparse.Namespace) -> int:
 
     target, work = args.out, None
     try:
+        if remote.is_remote(args.out) and args.num_shards > 1:
+            raise DataError(f"{args.out}: the parts of --num-shards tasks go to a shared local directory; "
+                            "merge there, then prepare or copy to the remote --out")
         if remote.is_remote(args.out):  # prepare locally, then upload (dataset.json last)
             import tempfile
 
@@ -84,7 +119,15 @@ def run_prepare(args: argparse.Namespace) -> int:
             text_field=args.text_field,
             text_split=args.text_split,
             progress=not args.no_progress,
+            workers=args.workers,
+            shard_index=args.shard_index,
+            num_shards=args.num_shards,
+            block_bytes=int(args.block_mb * (1 << 20)),
         )
+        if args.num_shards > 1:
+            print(f"wrote part {args.shard_index} of {args.num_shards} of {args.out}; when all parts are done: "
+                  f"looptrain prepare --merge --num-shards {args.num_shards} --out {args.out}")
+            return exit_codes.OK
         if work is not None:
             remote.publish(target, args.out, overwrite=True)
     except DataError as err:
@@ -93,6 +136,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     finally:
         if work is not None:
             remote.remove_tree(work)
+    return _report(args, summary)
+
+
+def _report(args: argparse.Namespace, summary: dict) -> int:
     splits = ", ".join(
         f"{name}: {s['sequences']} sequences / {s['tokens']} tokens / {s['documents']} documents"
         for name, s in summary["splits"].items()

@@ -21,7 +21,7 @@ import os
 import shutil
 import urllib.parse
 from pathlib import Path
-from typing import Iterable
+
 
 from looptrain.data.errors import DataError
 

@@ -30,7 +30,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from looptrain.config.schema import DataConfig, StreamConfig
 from looptrain.data import remote
@@ -48,7 +48,7 @@ class ResolvedStream:
     config: StreamConfig
     remote: Optional[str]  # the URI of a remote stream, None for a local one
     root: Path  # the dataset directory, or the cache directory of a remote stream
-    info: "DatasetInfo"  # noqa: F821 (looptrain.data.loader.DatasetInfo)
+    info: Any  # looptrain.data.loader.DatasetInfo
 
     @property
     def where(self) -> str:

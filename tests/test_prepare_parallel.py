@@ -1,0 +1,85 @@
+"""Parallel preparation: the same dataset whatever the number of workers or array tasks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from looptrain import exit_codes
+from looptrain.data.corpus import corpus_text
+from looptrain.data.loader import check_dataset
+from looptrain.data.prepare import prepare_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, SEQ_LEN = 512, 32
+BLOCK = 48 << 10  # small blocks, so that this corpus has many
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("par") / "kjv.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for chapter in itertools.islice(corpus_text("bible"), 120):
+            f.write(json.dumps({"text": chapter}) + "\n")
+    return path
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    out = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    meta = json.loads(out.pop("dataset.json"))
+    meta.pop("created")
+    out["dataset.json"] = json.dumps(meta, sort_keys=True).encode()
+    return out
+
+
+def test_workers_do_not_change_the_dataset(corpus, tmp_path):
+    one = prepare_dataset([corpus], tmp_path / "one", vocab_size=VOCAB, seq_len=SEQ_LEN, block_bytes=BLOCK,
+                          workers=1, progress=False)
+    two = prepare_dataset([corpus], tmp_path / "two", vocab_size=VOCAB, seq_len=SEQ_LEN, block_bytes=BLOCK,
+                          workers=2, progress=False)
+    assert one["blocks"] == two["blocks"] >= 8
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    check_dataset(tmp_path / "two", SEQ_LEN, VOCAB, splits=("train", "val"))
+    # Every document is in exactly one split; each block loses less than one row per split.
+    splits = one["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == one["documents"] == 120
+    assert splits["train"]["dropped_tokens"] < one["blocks"] * SEQ_LEN
+
+
+def _cli(*args: str, tmp_path: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "looptrain.cli", "prepare", *args, "--no-progress"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_array_tasks_then_merge_give_the_same_dataset(corpus, tmp_path):
+    """Two `--shard-index i --num-shards 2` processes (what a Slurm job array runs), then --merge."""
+    reference = tmp_path / "ref"
+    prepare_dataset([corpus], reference, vocab_size=VOCAB, seq_len=SEQ_LEN, block_bytes=BLOCK, workers=1,
+                    progress=False)
+    out = tmp_path / "sharded"
+    common = [str(corpus), "--out", str(out), "--vocab-size", str(VOCAB), "--seq-len", str(SEQ_LEN),
+              "--block-mb", str(BLOCK / (1 << 20)), "--workers", "1", "--num-shards", "2"]
+    tasks = [_cli(*common, "--shard-index", str(i), tmp_path=tmp_path) for i in (1, 0)]
+    for task in tasks:
+        _, err = task.communicate(timeout=600)
+        assert task.returncode == 0, err
+
+    early = _cli("--merge", "--num-shards", "3", "--out", str(out), tmp_path=tmp_path)
+    _, err = early.communicate(timeout=300)
+    assert early.returncode == exit_codes.BAD_INPUT and "missing or unfinished (3 of 3 parts)" in err
+
+    merge = _cli("--merge", "--num-shards", "2", "--out", str(out), tmp_path=tmp_path)
+    stdout, err = merge.communicate(timeout=300)
+    assert merge.returncode == 0, err
+    assert f"train with: data.dir={out}" in stdout
+    assert _files(out) == _files(reference)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("sharded")) == ["sharded"]
