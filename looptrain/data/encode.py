@@ -42,6 +42,7 @@ class CorpusScan:
     bytes: int = 0
     block_starts: list[int] = field(default_factory=list)  # first document index of each block
     sample: list[tuple[int, str]] = field(default_factory=list)  # (document index, line) for the tokenizer
+    token_documents: int = 0  # pre-tokenized documents (token id arrays)
 
 
 def scan_corpus(documents: Iterable[str], *, max_lines: int, seed: int, block_bytes: int = BLOCK_BYTES) -> CorpusScan:
@@ -51,13 +52,16 @@ def scan_corpus(documents: Iterable[str], *, max_lines: int, seed: int, block_by
     in_block = block_bytes  # start a block at the first document
     seen = 0
     for index, document in enumerate(documents):
-        size = len(document.encode("utf-8", "surrogatepass"))
+        size = document_bytes(document)
         if in_block >= block_bytes:
             out.block_starts.append(index)
             in_block = 0
         in_block += size
         out.bytes += size
         out.documents += 1
+        if not isinstance(document, str):
+            out.token_documents += 1
+            continue
         for line in document.split("\n"):
             if not line:
                 continue
@@ -69,6 +73,13 @@ def scan_corpus(documents: Iterable[str], *, max_lines: int, seed: int, block_by
                 if slot < max_lines:
                     out.sample[slot] = (index, line)
     return out
+
+
+def document_bytes(document) -> int:
+    """Text bytes of a document; 4 per id for a pre-tokenized one."""
+    if isinstance(document, str):
+        return len(document.encode("utf-8", "surrogatepass"))
+    return 4 * len(document)
 
 
 @dataclass
@@ -92,22 +103,30 @@ _TOKENIZERS: dict[str, object] = {}
 
 
 def _tokenizer(path: str):
-    from looptrain.data.tokenizer import Tokenizer
+    from looptrain.data.tokenizer import load_tokenizer
 
     if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = Tokenizer.load(path)
+        _TOKENIZERS[path] = load_tokenizer(path)
     return _TOKENIZERS[path]
 
 
 def encode_block(settings: EncodeSettings, block: int, texts: Sequence[str], is_val: np.ndarray) -> BlockResult:
     """Encode, pack and write one block (runs in a worker process, or in the caller for one worker)."""
+    from looptrain.data.errors import DataError
     from looptrain.data.prepare import TOKENS_COLUMN, SequencePacker
     from looptrain.data.streaming_import import import_streaming
 
     tokenizer = _tokenizer(settings.tokenizer_path)
-    encoded = tokenizer.encode_batch(list(texts), num_threads=1)
+    text_at = [i for i, t in enumerate(texts) if isinstance(t, str)]
+    encoded: list = list(texts)  # pre-tokenized documents are used as they are
+    for i, ids in zip(text_at, tokenizer.encode_batch([texts[i] for i in text_at], num_threads=1) if text_at else []):
+        encoded[i] = ids
+    for i, ids in enumerate(encoded):
+        if i not in text_at and len(ids) and (int(np.max(ids)) >= tokenizer.vocab_size or int(np.min(ids)) < 0):
+            raise DataError(f"a pre-tokenized document (block {block}) holds id {int(np.max(ids))}, outside the "
+                            f"tokenizer's {tokenizer.vocab_size} ids; pass the tokenizer it was made with")
     eos = np.array([tokenizer.eos_id], dtype=settings.dtype)
-    result = BlockResult(block=block, bytes=sum(len(t.encode("utf-8", "surrogatepass")) for t in texts))
+    result = BlockResult(block=block, bytes=sum(document_bytes(t) for t in texts))
     streams: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     documents = {"train": 0, "val": 0}
     for ids, val in zip(encoded, is_val):
@@ -155,6 +174,7 @@ def blocks_of(documents: Iterable[str], block_starts: Sequence[int]) -> Iterator
 
 def _init_worker() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
 
 
 def encode_blocks(

@@ -147,7 +147,7 @@ def check_dataset(
         raise DataError(f"{root}: empty directory; make a dataset with `{PREPARE_HINT.format(dir=root)} --overwrite`")
     meta = _load_meta(root)
 
-    tokenizer_path = root / "tokenizer.model"
+    tokenizer_path = root / str(meta.get("tokenizer_file", "tokenizer.model"))
     if not tokenizer_path.is_file():
         raise DataError(f"{tokenizer_path}: missing; re-run `looptrain prepare --overwrite` for {root}")
     if meta.get("tokenizer_sha256") and file_sha256(tokenizer_path) != meta["tokenizer_sha256"]:

@@ -43,7 +43,7 @@ import numpy as np
 
 from looptrain.data.corpus import DocumentSource, TextSplit
 from looptrain.data.errors import DataError
-from looptrain.data.tokenizer import Tokenizer, file_sha256, train_tokenizer
+from looptrain.data.tokenizer import file_sha256, load_tokenizer, tokenizer_file, train_tokenizer
 
 DATASET_FORMAT = "looptrain-mds-tokens"
 DATASET_VERSION = 1
@@ -126,6 +126,7 @@ def prepare_dataset(
     text_field: str = "text",
     text_split: TextSplit = "paragraph",
     progress: bool = True,
+    tokens_field: str | None = None,
     workers: int = 1,
     shard_index: int = 0,
     num_shards: int = 1,
@@ -153,11 +154,11 @@ def prepare_dataset(
     if isinstance(inputs, DocumentSource):
         source = inputs
     else:
-        source = DocumentSource.from_inputs(inputs, text_field, text_split)
+        source = DocumentSource.from_inputs(inputs, text_field, text_split, tokens_field)
     if not (num_shards > 1 and (out_dir / PART_FILE).is_file()):  # a part of ours may be redone
         check_replaceable(out_dir, source.describe.get("files", []))
-    if tokenizer_path is not None and not Path(tokenizer_path).is_file():
-        raise DataError(f"{tokenizer_path}: no tokenizer model here; drop --tokenizer to train one")
+    if tokenizer_path is not None:  # a .model, a tokenizer.json, or a prepared dataset's tokenizer
+        tokenizer_path = tokenizer_file(tokenizer_path)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_work_dirs(out_dir)
@@ -228,15 +229,17 @@ def _prepare_into(
         raise DataError(f"no documents in {json.dumps(source.describe)}: every input is empty")
     is_val = _choose_validation(n_documents, val_fraction, seed)
 
-    model_path = work / "tokenizer.model"
+    model_path = work / ("tokenizer.json" if str(tokenizer_path or "").endswith(".json") else "tokenizer.model")
     if tokenizer_path is None:
+        if not scan.sample and scan.token_documents:
+            raise DataError("the input is pre-tokenized: pass --tokenizer (the tokenizer its ids come from)")
         # Lines of training documents only, in corpus order (all of them when they fit the sample).
         lines = [line for index, line in scan.sample if not is_val[index]]
         train_tokenizer(lines, model_path, vocab_size, seed=seed, max_lines=TOKENIZER_SAMPLE_LINES)
     else:
         shutil.copyfile(tokenizer_path, model_path)
     scan.sample = []
-    tokenizer = Tokenizer.load(model_path)
+    tokenizer = load_tokenizer(model_path)
     dtype = token_dtype(tokenizer.vocab_size)
     import_streaming()  # once in the parent, so forked workers inherit it
     settings = encode.EncodeSettings(
@@ -282,6 +285,7 @@ def _summary(source, scan, tokenizer, model_path, tokenizer_path, seq_len, dtype
         "column": TOKENS_COLUMN,
         "dtype": dtype,
         "tokenizer_sha256": file_sha256(model_path),
+        "tokenizer_file": model_path.name,
         "tokenizer_source": "trained" if tokenizer_path is None else str(tokenizer_path),
         "source": source.describe,
         "documents": scan.documents,

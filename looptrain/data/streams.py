@@ -37,7 +37,6 @@ from looptrain.data import remote
 from looptrain.data.errors import DataError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-REMOTE_FILES = ("dataset.json", "tokenizer.model")
 
 
 @dataclass(frozen=True)
@@ -133,11 +132,18 @@ def _fetch_metadata(cfg: DataConfig, uri: str, local: Path, splits: Sequence[str
     timeout = cfg.download_timeout
     not_dataset = f"no looptrain dataset there; make one with `looptrain prepare ... --out {uri}`"
     remote.fetch(remote.join(uri, "dataset.json"), local / "dataset.json", missing=not_dataset, timeout=timeout)
-    remote.fetch(remote.join(uri, "tokenizer.model"), local / "tokenizer.model",
-                 missing="the dataset has no tokenizer; re-run `looptrain prepare --overwrite`", timeout=timeout)
     import json
 
-    meta_splits = json.loads((local / "dataset.json").read_text()).get("splits", {})
+    try:
+        meta = json.loads((local / "dataset.json").read_text())
+        name = str(meta.get("tokenizer_file", "tokenizer.model"))
+        meta_splits = dict(meta.get("splits", {}))
+    except (ValueError, AttributeError, TypeError):
+        return  # check_dataset names the unreadable dataset.json
+    if name not in ("tokenizer.model", "tokenizer.json"):
+        raise DataError(f"{uri}/dataset.json: names the tokenizer file {name!r}; re-run `looptrain prepare`")
+    remote.fetch(remote.join(uri, name), local / name,
+                 missing="the dataset has no tokenizer; re-run `looptrain prepare --overwrite`", timeout=timeout)
     for split in splits:
         if split in meta_splits:
             remote.fetch(remote.join(uri, split, "index.json"), local / split / "index.json",
