@@ -58,18 +58,30 @@ def load_average() -> str:
 
 
 def bench_prepare(corpus: Path, tokenizer: Path, out: Path, workers: list[int]) -> list[dict]:
+    import resource
+
+    def cpu() -> tuple[float, float]:
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
     rows = []
     for n in workers:
         target = out / f"w{n}"
-        start = time.perf_counter()
+        start, (main0, kids0) = time.perf_counter(), cpu()
         summary = prepare_dataset([corpus], target, tokenizer_path=tokenizer, seq_len=256, workers=n,
                                   progress=False, overwrite=True)
-        elapsed = time.perf_counter() - start
+        elapsed, (main1, kids1) = time.perf_counter() - start, cpu()
         tokens = sum(s["tokens"] for s in summary["splits"].values())
+        main_cpu, worker_cpu = main1 - main0, kids1 - kids0
         rows.append({"workers": n, "seconds": elapsed, "mb_s": summary["bytes"] / elapsed / 1e6,
-                     "tokens_s": tokens / elapsed, "bytes": summary["bytes"], "tokens": tokens})
-        print(f"  workers {n}: {elapsed:.1f} s, {rows[-1]['mb_s']:.2f} MB/s, {rows[-1]['tokens_s'] / 1e6:.2f}M tokens/s "
-              f"({load_average()})", flush=True)
+                     "tokens_s": tokens / elapsed, "bytes": summary["bytes"], "tokens": tokens,
+                     "main_cpu": main_cpu, "worker_cpu": worker_cpu,
+                     # wall time on an idle machine with a core per worker: the larger of the main
+                     # process's own work and the workers' work spread over n cores
+                     "idle_estimate": max(main_cpu, worker_cpu / n) if n > 1 else main_cpu})
+        print(f"  workers {n}: {elapsed:.1f} s wall, CPU main {main_cpu:.1f} s + workers {worker_cpu:.1f} s, "
+              f"{rows[-1]['mb_s']:.2f} MB/s, {rows[-1]['tokens_s'] / 1e6:.2f}M tokens/s ({load_average()})", flush=True)
     return rows
 
 
@@ -131,10 +143,14 @@ def main() -> None:
     print(f"preparing ({load_average()}):", flush=True)
     rows = bench_prepare(corpus, tokenizer, out, args.workers)
     base = rows[0]
-    print("\n| workers | seconds | MB/s | MB/s per worker | tokens/s | speed-up |\n|---:|---:|---:|---:|---:|---:|")
+    print("\n| workers | wall s | MB/s | tokens/s | wall speed-up | CPU s (main + workers) | MB per CPU-s "
+          "| idle-machine estimate s | estimated speed-up |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['workers']} | {row['seconds']:.1f} | {row['mb_s']:.2f} | {row['mb_s'] / row['workers']:.2f} | "
-              f"{row['tokens_s'] / 1e6:.2f}M | {base['seconds'] / row['seconds']:.2f}x |")
+        total_cpu = row["main_cpu"] + row["worker_cpu"]
+        print(f"| {row['workers']} | {row['seconds']:.1f} | {row['mb_s']:.2f} | {row['tokens_s'] / 1e6:.2f}M | "
+              f"{base['seconds'] / row['seconds']:.2f}x | {row['main_cpu']:.1f} + {row['worker_cpu']:.1f} | "
+              f"{row['bytes'] / 1e6 / total_cpu:.2f} | {row['idle_estimate']:.1f} | "
+              f"{base['idle_estimate'] / row['idle_estimate']:.2f}x |")
     if not args.loader:
         return
     data = str(out / f"w{args.workers[-1]}")

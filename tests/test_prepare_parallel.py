@@ -83,3 +83,33 @@ def test_array_tasks_then_merge_give_the_same_dataset(corpus, tmp_path):
     assert f"train with: data.dir={out}" in stdout
     assert _files(out) == _files(reference)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("sharded")) == ["sharded"]
+
+
+@pytest.mark.slow
+def test_one_line_job_array_scripts_prepare_the_same_dataset(corpus, tmp_path):
+    """`--num-shards 2 --cluster PROFILE --emit-sbatch` writes the array and merge scripts; run
+    here with bash (the #SBATCH lines are comments), task by task as Slurm would, they give the
+    dataset a single process makes. (Submission itself needs a cluster: not run here.)"""
+    profile = tmp_path / "cpu.yaml"
+    profile.write_text("partition: cpu\ncpus_per_task: 1\ntime_limit_min: 30\nsetup: ['export FROM_PROFILE=1']\n")
+    out = tmp_path / "arr"
+    emit = _cli(str(corpus), "--out", str(out), "--vocab-size", str(VOCAB), "--seq-len", str(SEQ_LEN),
+                "--block-mb", str(BLOCK / (1 << 20)), "--num-shards", "2", "--cluster", str(profile),
+                "--emit-sbatch", tmp_path=tmp_path)
+    stdout, err = emit.communicate(timeout=300)
+    assert emit.returncode == 0, err
+    folder = tmp_path / "arr.slurm"
+    array = (folder / "array.sbatch").read_text()
+    assert "#SBATCH --array=0-1" in array and "#SBATCH --partition=cpu" in array and "export FROM_PROFILE=1" in array
+    assert "--dependency=afterok" in stdout
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TMPDIR=str(tmp_path), SLURM_CPUS_PER_TASK="1")
+    for task in ("0", "1"):
+        run = subprocess.run(["bash", str(folder / "array.sbatch")], env=dict(env, SLURM_ARRAY_TASK_ID=task),
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+    run = subprocess.run(["bash", str(folder / "merge.sbatch")], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    reference = tmp_path / "ref"
+    prepare_dataset([corpus], reference, vocab_size=VOCAB, seq_len=SEQ_LEN, block_bytes=BLOCK, progress=False)
+    assert _files(out) == _files(reference)

@@ -75,6 +75,11 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help="text per encoding block (the unit of parallel work; part of what defines the output)",
     )
     parser.add_argument(
+        "--cluster", metavar="PROFILE",
+        help="with --num-shards N: submit the N tasks as a Slurm job array plus a merge job (slurm/*.yaml profile)",
+    )
+    parser.add_argument("--emit-sbatch", action="store_true", help="with --cluster: write the scripts, do not submit")
+    parser.add_argument(
         "--merge", action="store_true", help="join the parts of --num-shards tasks into --out (no INPUTs needed)"
     )
     return parser
@@ -90,6 +95,16 @@ def default_workers() -> int:
 def run_prepare(args: argparse.Namespace) -> int:
     from looptrain.data.prepare import prepare_dataset
 
+    if args.cluster:
+        from looptrain.config.schema import RecipeError
+        from looptrain.data import slurm_prepare
+
+        argv = sys.argv[sys.argv.index("prepare") + 1:] if "prepare" in sys.argv else []
+        try:
+            return slurm_prepare.run(args, argv)
+        except (DataError, RecipeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return exit_codes.BAD_INPUT
     if args.merge:
         from looptrain.data.prepare import merge_prepared_parts
 

@@ -62,6 +62,8 @@ def scan_corpus(documents: Iterable[str], *, max_lines: int, seed: int, block_by
         if not isinstance(document, str):
             out.token_documents += 1
             continue
+        if not max_lines:  # a given tokenizer needs no sample
+            continue
         for line in document.split("\n"):
             if not line:
                 continue

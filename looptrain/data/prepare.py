@@ -222,7 +222,8 @@ def _prepare_into(
     from looptrain.data import encode
     from looptrain.data.streaming_import import import_streaming
 
-    scan = encode.scan_corpus(source.documents(), max_lines=TOKENIZER_SAMPLE_LINES, seed=seed,
+    sample_lines = TOKENIZER_SAMPLE_LINES if tokenizer_path is None else 0
+    scan = encode.scan_corpus(source.documents(), max_lines=sample_lines, seed=seed,
                               block_bytes=block_bytes or encode.BLOCK_BYTES)
     n_documents = scan.documents
     if n_documents == 0:
@@ -231,7 +232,7 @@ def _prepare_into(
 
     model_path = work / ("tokenizer.json" if str(tokenizer_path or "").endswith(".json") else "tokenizer.model")
     if tokenizer_path is None:
-        if not scan.sample and scan.token_documents:
+        if scan.token_documents == scan.documents:
             raise DataError("the input is pre-tokenized: pass --tokenizer (the tokenizer its ids come from)")
         # Lines of training documents only, in corpus order (all of them when they fit the sample).
         lines = [line for index, line in scan.sample if not is_val[index]]

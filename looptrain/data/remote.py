@@ -191,10 +191,16 @@ def publish(local_dir: str | os.PathLike, uri: str, *, overwrite: bool, last: st
     names = sorted(str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.is_file())
     names = [n for n in names if n != last] + ([last] if (local_dir / last).is_file() else [])
     check_target(uri, local_dir.parent, overwrite=overwrite)
+    import logging
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # streaming warns that the local directory exists: it is meant to
     try:
         uploader = CloudUploader.get((str(local_dir), uri), keep_local=True, exist_ok=True)
     except Exception as err:
         raise explain(err, uri, "cannot write there") from None
+    finally:
+        logging.disable(previous)
     for name in names:
         try:
             uploader.upload_file(name)
