@@ -140,6 +140,9 @@ def main() -> None:
     tokenizer = out / "tokenizer.model"
     if not tokenizer.exists():
         train_tokenizer(corpus_text("bible"), tokenizer, 4096)
+    from looptrain.data.streaming_import import import_streaming
+
+    import_streaming()  # seconds of imports, paid once per process: not part of the measurement
     print(f"preparing ({load_average()}):", flush=True)
     rows = bench_prepare(corpus, tokenizer, out, args.workers)
     base = rows[0]

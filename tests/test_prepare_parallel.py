@@ -60,32 +60,6 @@ def _cli(*args: str, tmp_path: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_array_tasks_then_merge_give_the_same_dataset(corpus, tmp_path):
-    """Two `--shard-index i --num-shards 2` processes (what a Slurm job array runs), then --merge."""
-    reference = tmp_path / "ref"
-    prepare_dataset([corpus], reference, vocab_size=VOCAB, seq_len=SEQ_LEN, block_bytes=BLOCK, workers=1,
-                    progress=False)
-    out = tmp_path / "sharded"
-    common = [str(corpus), "--out", str(out), "--vocab-size", str(VOCAB), "--seq-len", str(SEQ_LEN),
-              "--block-mb", str(BLOCK / (1 << 20)), "--workers", "1", "--num-shards", "2"]
-    tasks = [_cli(*common, "--shard-index", str(i), tmp_path=tmp_path) for i in (1, 0)]
-    for task in tasks:
-        _, err = task.communicate(timeout=600)
-        assert task.returncode == 0, err
-
-    early = _cli("--merge", "--num-shards", "3", "--out", str(out), tmp_path=tmp_path)
-    _, err = early.communicate(timeout=300)
-    assert early.returncode == exit_codes.BAD_INPUT and "missing or unfinished (3 of 3 parts)" in err
-
-    merge = _cli("--merge", "--num-shards", "2", "--out", str(out), tmp_path=tmp_path)
-    stdout, err = merge.communicate(timeout=300)
-    assert merge.returncode == 0, err
-    assert f"train with: data.dir={out}" in stdout
-    assert _files(out) == _files(reference)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("sharded")) == ["sharded"]
-
-
-@pytest.mark.slow
 def test_one_line_job_array_scripts_prepare_the_same_dataset(corpus, tmp_path):
     """`--num-shards 2 --cluster PROFILE --emit-sbatch` writes the array and merge scripts; run
     here with bash (the #SBATCH lines are comments), task by task as Slurm would, they give the
@@ -104,12 +78,24 @@ def test_one_line_job_array_scripts_prepare_the_same_dataset(corpus, tmp_path):
     assert "--dependency=afterok" in stdout
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TMPDIR=str(tmp_path), SLURM_CPUS_PER_TASK="1")
-    for task in ("0", "1"):
-        run = subprocess.run(["bash", str(folder / "array.sbatch")], env=dict(env, SLURM_ARRAY_TASK_ID=task),
+    def task(index: str) -> None:
+        run = subprocess.run(["bash", str(folder / "array.sbatch")], env=dict(env, SLURM_ARRAY_TASK_ID=index),
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr
-    run = subprocess.run(["bash", str(folder / "merge.sbatch")], env=env, capture_output=True, text=True, timeout=600)
+
+    def merge() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(folder / "merge.sbatch")], env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    task("1")
+    early = merge()  # a task still missing: refused, nothing merged
+    assert early.returncode == exit_codes.BAD_INPUT and "missing or unfinished (1 of 2 parts)" in early.stderr
+    assert not out.exists()
+    task("0")
+    run = merge()
     assert run.returncode == 0, run.stderr
+    assert f"train with: data.dir={out}" in run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("arr")) == ["arr", "arr.slurm"]
     reference = tmp_path / "ref"
     prepare_dataset([corpus], reference, vocab_size=VOCAB, seq_len=SEQ_LEN, block_bytes=BLOCK, progress=False)
     assert _files(out) == _files(reference)
