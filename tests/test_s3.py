@@ -207,6 +207,8 @@ def test_remote_problems_are_one_line_and_exit_2(s3_env, corpus, tmp_path, monke
     assert run_prepare(parser.parse_args([str(corpus), "--out", f"s3://{bucket}/x", "--no-progress"])) == 2
     assert "cannot reach the object store" in capsys.readouterr().err
     monkeypatch.setenv("S3_ENDPOINT_URL", s3_env["S3_ENDPOINT_URL"])
+    assert run_prepare(parser.parse_args([str(corpus), "--out", "s3://no-such-bucket-x/ds", "--no-progress"])) == 2
+    assert "bucket 'no-such-bucket-x' does not exist" in capsys.readouterr().err
 
     # From the command line: exit 2, one line, nothing written into the run directory.
     run = _cli(["train", str(_write(_recipe({"dir": f"s3://{bucket}/none"}, tmp_path, "bad"), tmp_path))],

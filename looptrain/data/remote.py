@@ -31,6 +31,10 @@ DEFAULT_TIMEOUT_S = 60.0
 class RemoteError(DataError):
     """A remote dataset cannot be reached, read or written; the message names the URI and the fix."""
 
+    def __init__(self, message: str, *, not_found: bool = False):
+        super().__init__(message)
+        self.not_found = not_found  # the object (or bucket) does not exist, as opposed to a failure
+
 
 def is_remote(path: str | os.PathLike) -> bool:
     """Whether `path` is a URI of an object store (a scheme of two or more letters, not file://)."""
@@ -77,7 +81,7 @@ def explain(err: BaseException, uri: str, what: str = "") -> RemoteError:
             f"{uri}: access denied by the object store{where} ({code}); check the credentials and the bucket policy"
         )
     if code in ("404", "NoSuchKey") or isinstance(err, FileNotFoundError):
-        return RemoteError(f"{uri}: not found{where}{'; ' + what if what else ''}")
+        return RemoteError(f"{uri}: not found{where}{'; ' + what if what else ''}", not_found=True)
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return RemoteError(f"{uri}: {what or 'request failed'}{where} ({name}{': ' + first[:200] if first else ''})")
 
@@ -141,7 +145,7 @@ def fetch(uri: str, local: str | os.PathLike, *, missing: str = "", timeout: flo
     except Exception as err:  # every client has its own error types
         partial.unlink(missing_ok=True)
         problem = explain(err, uri, missing)
-        if ": not found" in str(problem) and _s3_bucket_missing(uri):
+        if problem.not_found and _s3_bucket_missing(uri):
             bucket = urllib.parse.urlparse(uri).netloc
             problem = RemoteError(f"{uri}: bucket {bucket!r} does not exist{_endpoint(uri)}; create it or fix the URI")
         raise problem from None
@@ -156,7 +160,7 @@ def exists(uri: str, scratch: str | os.PathLike) -> bool:
     try:
         fetch(uri, scratch)
     except RemoteError as err:
-        if ": not found" in str(err):
+        if err.not_found:
             return False
         raise
     return True
