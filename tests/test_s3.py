@@ -172,6 +172,7 @@ def test_prepare_to_s3_then_train_from_s3(s3_env, corpus, tmp_path):
     run_dir = tmp_path / "runs" / "s3run"
     assert (run_dir / "checkpoints").is_dir() and "val/loss" in (run_dir / "metrics.jsonl").read_text()
     _assert_secret_nowhere(run_dir, texts=(run.stdout, run.stderr, again.stderr))
+    assert not list(tmp_path.glob("looptrain-data-pid*")), "a single process removes its own cache at exit"
 
 
 def test_remote_problems_are_one_line_and_exit_2(s3_env, corpus, tmp_path, monkeypatch, capsys):

@@ -123,8 +123,18 @@ def default_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"looptrain-data-{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}"
 
 
+_CLEANED_AT_EXIT: set[Path] = set()
+
+
 def cache_dir_of(cfg: DataConfig, uri: str, name: str) -> Path:
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    if not cfg.cache_dir and root.name.startswith("looptrain-data-pid") and root not in _CLEANED_AT_EXIT:
+        # A single process's own cache: nobody else can use it after this process ends.
+        import atexit
+        import shutil
+
+        _CLEANED_AT_EXIT.add(root)
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
     return root / f"{name}-{hashlib.sha256(uri.encode()).hexdigest()[:8]}"
 
 
