@@ -2,17 +2,21 @@
 
 Output layout (what `looptrain.data.loader.check_dataset` expects):
 
-    OUT/tokenizer.model   the sentencepiece model (trained here, or copied)
+    OUT/tokenizer.model   the sentencepiece model (trained here, or copied), or
+    OUT/tokenizer.json    a Hugging Face tokenizer (dataset.json names the file and its sha256)
     OUT/dataset.json      what was made and from what (see `prepare_dataset`)
-    OUT/train/            MDS shards, column "tokens": ndarray of seq_len + 1 ids
+    OUT/train/            index.json over block-NNNNN/ MDS shards, column "tokens": seq_len + 1 ids
     OUT/val/              the same for held-out documents (absent if val_fraction=0)
 
 How text becomes sequences
-    Documents are tokenized and each is followed by EOS; each split's documents
-    form one token stream, cut into rows of seq_len + 1 tokens (model inputs
-    are row[:-1], targets row[1:]). Consecutive rows overlap by one token, so
-    every token of the stream after the first is a target exactly once; the
-    tail that does not fill a row is dropped (counted in dataset.json).
+    Documents are tokenized and each is followed by EOS. The corpus is cut
+    into blocks of consecutive documents (`looptrain.data.encode`); in each
+    block, each split's documents form one token stream, cut into rows of
+    seq_len + 1 tokens (model inputs are row[:-1], targets row[1:]).
+    Consecutive rows overlap by one token, so every token of the stream after
+    the first is a target exactly once; the tail that does not fill a row is
+    dropped (counted in dataset.json). Blocks depend only on the corpus, so
+    the output is the same for any number of workers or array tasks.
 
 Held-out split
     Whole documents go to validation: round(val_fraction * documents) of
