@@ -99,3 +99,23 @@ def test_one_line_job_array_scripts_prepare_the_same_dataset(corpus, tmp_path):
     reference = tmp_path / "ref"
     prepare_dataset([corpus], reference, vocab_size=VOCAB, seq_len=SEQ_LEN, block_bytes=BLOCK, progress=False)
     assert _files(out) == _files(reference)
+
+
+def test_bad_parallel_arguments_are_one_line_and_exit_2(corpus, tmp_path, capsys):
+    import argparse
+
+    from looptrain.data.cli import add_prepare_arguments, run_prepare
+
+    parser = add_prepare_arguments(argparse.ArgumentParser())
+    cases = [
+        (["--workers", "0"], "--workers 0: must be >= 1"),
+        (["--num-shards", "2", "--shard-index", "2"], "need 0 <= index < num-shards"),
+        (["--emit-sbatch"], "add --cluster PROFILE"),
+        (["--num-shards", "2", "--out", "s3://bucket/x"], "the parts of --num-shards tasks go to a shared local"),
+    ]
+    for extra, message in cases:
+        args = parser.parse_args([str(corpus), "--out", str(tmp_path / "x"), "--no-progress", *extra])
+        assert run_prepare(args) == exit_codes.BAD_INPUT, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+    assert not (tmp_path / "x").exists()

@@ -95,6 +95,10 @@ def default_workers() -> int:
 def run_prepare(args: argparse.Namespace) -> int:
     from looptrain.data.prepare import prepare_dataset
 
+    if args.emit_sbatch and not args.cluster:
+        print("error: --emit-sbatch writes the job-array scripts of a cluster profile: add --cluster PROFILE",
+              file=sys.stderr)
+        return exit_codes.BAD_INPUT
     if args.cluster:
         from looptrain.config.schema import RecipeError
         from looptrain.data import slurm_prepare
