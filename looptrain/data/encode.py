@@ -212,7 +212,11 @@ def encode_blocks(
         return results
     import multiprocessing
 
-    context = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["looptrain.data.encode_preload"])
+    else:
+        context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_init_worker) as pool:
         pending: deque = deque()
         for block, texts, val in tasks:
