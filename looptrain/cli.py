@@ -138,7 +138,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quickstart)
 
     _add_optional(sub, "prepare", "looptrain.data.cli", "add_prepare_arguments", "run_prepare",
-                  "train a tokenizer and write MDS shards from text/JSONL (or --corpus bible)")
+                  "train a tokenizer and write MDS shards from text/JSONL (or --corpus bible)",
+                  run_module="looptrain.launch.prepare_array", run_name="run_prepare_command")
     _add_optional(sub, "plot", "looptrain.plot", "add_plot_arguments", "run_plot",
                   "plot norm per loop and loss per exit for one or more runs")
     _add_optional(sub, "inspect", "looptrain.checkpoint.tools", "add_inspect_arguments", "run_inspect",
@@ -158,7 +159,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _add_optional(sub, name: str, module: str, add: str, run: str, help_text: str) -> None:
+def _add_optional(sub, name: str, module: str, add: str, run: str, help_text: str, *,
+                  run_module: str | None = None, run_name: str | None = None) -> None:
     """Register a command whose arguments live next to its implementation
     (those modules keep their heavy imports inside the run function). With a
     command line at hand, a command it does not name is listed by its help
@@ -171,7 +173,8 @@ def _add_optional(sub, name: str, module: str, add: str, run: str, help_text: st
         return
     mod = importlib.import_module(module)
     getattr(mod, add)(p)
-    p.set_defaults(func=getattr(mod, run))
+    runner = importlib.import_module(run_module) if run_module else mod
+    p.set_defaults(func=getattr(runner, run_name or run))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,7 +136,8 @@ class _WindowStats:
 class Trainer:
     def __init__(self, recipe: Recipe, env: DistEnv, *, force_resume: bool = False):
         from looptrain.checkpoint import Checkpointer
-        from looptrain.data.loader import InfiniteBatches, build_train_loader, build_val_loader, check_dataset
+        from looptrain.data.loader import InfiniteBatches, build_train_loader, build_val_loaders
+        from looptrain.data.streams import resolve_streams
         from looptrain.model import build_model
         from looptrain.monitor.rules import NormMonitor
         from looptrain.monitor.stats import LoopNormAccumulator
@@ -149,7 +150,7 @@ class Trainer:
         # Everything that can reject the recipe runs before anything is written
         # into the run directory, so a failed start leaves no half-made run behind.
         splits = ("train", "val") if t.val_every > 0 else ("train",)
-        check_dataset(recipe.data.dir, seq_len=m.max_seq_len, vocab_size=m.vocab_size, splits=splits)
+        resolve_streams(recipe.data, seq_len=m.max_seq_len, vocab_size=m.vocab_size, splits=splits)
         self.backend = build_backend(recipe, env)
         dp = self.backend.data_parallel_size
         check_world_size(recipe, dp)
@@ -176,10 +177,10 @@ class Trainer:
             micro_batch_size=t.micro_batch_size, global_batch_size=self.global_batch,
         )
         self.batches = InfiniteBatches(self.train_loader)
-        self.val_loader = (
-            build_val_loader(recipe.data, seq_len=m.max_seq_len, vocab_size=m.vocab_size,
-                             micro_batch_size=t.micro_batch_size)
-            if t.val_every > 0 else None
+        self.val_loaders = (  # one per stream with a val split, by stream name
+            build_val_loaders(recipe.data, seq_len=m.max_seq_len, vocab_size=m.vocab_size,
+                              micro_batch_size=t.micro_batch_size)
+            if t.val_every > 0 else {}
         )
         self.sampler = DepthSampler(recipe.objective.depth, m.loops, seed=t.seed)
         self.norms = LoopNormAccumulator(self.max_depth, m.d_model, env.device)
@@ -227,32 +228,41 @@ class Trainer:
 
     # --------------------------------------------------------------- validation
     def validate(self) -> dict[str, float]:
-        if self.val_loader is None:
+        """Loss and perplexity per exit on each stream's val split (`val/loss/<stream>/k` with
+        several streams) and over all of them (`val/loss/k`)."""
+        if not self.val_loaders:
             return {}
         from looptrain.objectives import IGNORE_INDEX
 
         depth = self.recipe.model.loops
+        names = list(self.val_loaders)
         # Token-weighted, so that a short last batch counts for its tokens and
         # the numbers equal `looptrain eval` on the same batches.
-        sums = torch.zeros(depth + 1, device=self.env.device, dtype=torch.float64)
-        for i, batch in enumerate(self.val_loader):
-            if i >= self.recipe.train.val_batches:
-                break
-            tokens, targets = split_batch(batch)
-            targets = targets.to(self.env.device)
-            out = self.backend.evaluate(tokens.to(self.env.device), targets)
-            count = (targets != IGNORE_INDEX).sum().double()
-            sums[:depth] += out.result.ce_per_exit.double() * count
-            sums[depth] += count
+        sums = torch.zeros(len(names), depth + 1, device=self.env.device, dtype=torch.float64)
+        for row, name in enumerate(names):
+            for i, batch in enumerate(self.val_loaders[name]):
+                if i >= self.recipe.train.val_batches:
+                    break
+                tokens, targets = split_batch(batch)
+                targets = targets.to(self.env.device)
+                out = self.backend.evaluate(tokens.to(self.env.device), targets)
+                count = (targets != IGNORE_INDEX).sum().double()
+                sums[row, :depth] += out.result.ce_per_exit.double() * count
+                sums[row, depth] += count
         if self.env.distributed:
             torch.distributed.all_reduce(sums)
         values = sums.tolist()
-        n = max(1.0, values[depth])
+        groups = [("val", [sum(column) for column in zip(*values)])]
+        if len(names) > 1:
+            groups += [(f"val/{name}", values[row]) for row, name in enumerate(names)]
         metrics = {}
-        for k in range(depth):
-            loss = values[k] / n
-            metrics[f"val/loss/{k + 1}"] = loss
-            metrics[f"val/ppl/{k + 1}"] = math.exp(min(loss, 50.0))
+        for prefix, group in groups:
+            n = max(1.0, group[depth])
+            for k in range(depth):
+                loss = group[k] / n
+                key = prefix.replace("val", "val/loss", 1), prefix.replace("val", "val/ppl", 1)
+                metrics[f"{key[0]}/{k + 1}"] = loss
+                metrics[f"{key[1]}/{k + 1}"] = math.exp(min(loss, 50.0))
         return metrics
 
     # --------------------------------------------------------------------- loop

@@ -358,8 +358,8 @@ DATA_CASES = [
      ["tokenizer.model: differs from the tokenizer the shards were made with"]),
     ("tokenizer-missing", lambda d, t: _remove(_copy_dataset(d, t / "ds"), "tokenizer.model"), [],
      ["tokenizer.model"]),
-    ("shard-missing", lambda d, t: _remove(_copy_dataset(d, t / "ds"), "train/shard.00000.mds"), [],
-     ["train/shard.00000.mds: shard missing", "looptrain prepare --overwrite"]),
+    ("shard-missing", lambda d, t: _remove(_copy_dataset(d, t / "ds"), "train/block-00000/shard.00000.mds"), [],
+     ["train/block-00000/shard.00000.mds: shard missing", "looptrain prepare --overwrite"]),
     ("seq-len-mismatch", lambda d, t: Path(d), ["model.max_seq_len=128"], ["set model.max_seq_len=64"]),
     ("vocab-too-small", lambda d, t: Path(d), ["model.vocab_size=100"], ["set model.vocab_size=512"]),
 ]

@@ -90,6 +90,10 @@ def check_ranges(config: Any, prefix: str) -> None:
         if is_dataclass(value):
             check_ranges(value, key)
             continue
+        if isinstance(value, (list, tuple)) and value and all(is_dataclass(item) for item in value):
+            for i, item in enumerate(value):  # e.g. data.streams
+                check_ranges(item, f"{key}[{i}]")
+            continue
         rng = f.metadata.get("range", Range())
         items = value if isinstance(value, (list, tuple)) else [value]
         for i, item in enumerate(items):
@@ -246,11 +250,31 @@ class ObjectiveConfig:
 
 
 @dataclass
+class StreamConfig:
+    """One prepared dataset of a mixture: a local directory or a remote URI (s3://, gs://, hf://, ...).
+
+    At most one weight: `proportion` (share of each epoch; all streams or
+    none, summing to 1), `repeat` (epochs of this stream per epoch) or
+    `choose` (samples per epoch). `name` labels its validation metrics
+    (default: the last path component).
+    """
+
+    path: str = ""
+    name: Optional[str] = None
+    proportion: Optional[float] = bounded(None, gt=0, le=1)
+    repeat: Optional[float] = bounded(None, gt=0)
+    choose: Optional[int] = bounded(None, ge=1)
+
+
+@dataclass
 class DataConfig:
-    """A prepared dataset directory (made by `looptrain prepare`).
+    """A prepared dataset directory (made by `looptrain prepare`), or a mixture of streams.
 
     Layout: DIR/tokenizer.model, DIR/dataset.json, DIR/train/ and DIR/val/
     MDS shards of token sequences of length model.max_seq_len + 1.
+    `streams`, when given, replaces `dir` (which is the one-stream shorthand).
+    Remote streams are cached in `cache_dir` (default: a directory per job
+    under TMPDIR).
     """
 
     dir: str = "data/quickstart"
@@ -259,6 +283,9 @@ class DataConfig:
     num_workers: int = bounded(0, ge=0, le=1024)
     num_canonical_nodes: Optional[int] = bounded(None, ge=1)
     predownload: Optional[int] = bounded(None, ge=1)
+    streams: list[StreamConfig] = field(default_factory=list)
+    cache_dir: Optional[str] = None
+    download_timeout: float = bounded(60.0, gt=0, why="seconds")
 
 
 # ---------------------------------------------------------------------- optim

@@ -102,9 +102,13 @@ def _is_jsonl(path: Path) -> bool:
     return path.name.endswith((".jsonl", ".jsonl.gz"))
 
 
-def read_jsonl(path: str | os.PathLike, text_field: str = "text") -> Iterator[str]:
-    """Documents of a JSONL file: the `text_field` string of each non-blank line."""
+def read_jsonl(path: str | os.PathLike, text_field: str = "text", tokens_field: str | None = None) -> Iterator[str]:
+    """Documents of a JSONL file: the `text_field` string of each non-blank line
+    (or, pre-tokenized, the `tokens_field` list of token ids)."""
     path = Path(path)
+    if tokens_field:
+        yield from _read_token_jsonl(path, tokens_field)
+        return
     with _open_text(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -125,6 +129,82 @@ def read_jsonl(path: str | os.PathLike, text_field: str = "text") -> Iterator[st
                 raise DataError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}, expected a string")
             if text:
                 yield text
+
+
+def _read_token_jsonl(path: Path, field: str) -> Iterator:
+    import numpy as np
+
+    with _open_text(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ids = json.loads(line)[field]
+                array = np.asarray(ids, dtype=np.int64)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise DataError(f"{path}:{number}: no list of token ids in field {field!r} ({type(err).__name__}); "
+                                "each line must be an object like {\"" + field + "\": [12, 7, 99]}") from err
+            if array.ndim != 1:
+                raise DataError(f"{path}:{number}: field {field!r} is not a flat list of token ids")
+            if len(array):
+                yield array
+
+
+# Hugging Face `datasets` on disk: a save_to_disk folder, or parquet / arrow files.
+HF_SAVED_MARKERS = ("state.json", "dataset_dict.json")
+
+
+def _is_hf_saved(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).is_file() for marker in HF_SAVED_MARKERS)
+
+
+def _records(path: Path) -> Iterator[dict]:
+    """Rows of a parquet/arrow file or a save_to_disk folder, read in batches."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise DataError(f"{path}: parquet input needs pyarrow: pip install 'looptrain[hf]'") from err
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+        return
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError(f"{path}: Hugging Face datasets input needs `datasets`: pip install 'looptrain[hf]'") from err
+    if path.is_dir():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise DataError(f"{path}: a DatasetDict without a 'train' split (has {', '.join(loaded)}); "
+                                f"pass one split's folder, e.g. {path / next(iter(loaded))}")
+            loaded = loaded["train"]
+    else:
+        loaded = datasets.Dataset.from_file(str(path))
+    for batch in loaded.iter(batch_size=1024):
+        keys = list(batch)
+        for i in range(len(batch[keys[0]]) if keys else 0):
+            yield {key: batch[key][i] for key in keys}
+
+
+def read_records(path: Path, text_field: str = "text", tokens_field: str | None = None) -> Iterator:
+    """Documents of a Hugging Face dataset on disk: the text (or token-id) field of every row."""
+    field = tokens_field or text_field
+    for number, record in enumerate(_records(path), 1):
+        if field not in record:
+            raise DataError(f"{path}: row {number} has no field {field!r} (found: {', '.join(sorted(record))}); "
+                            f"pass --{'tokens' if tokens_field else 'text'}-field NAME")
+        value = record[field]
+        if tokens_field:
+            import numpy as np
+
+            value = np.asarray(value, dtype=np.int64)
+            if len(value):
+                yield value
+        elif not isinstance(value, str):
+            raise DataError(f"{path}: row {number} field {field!r} is {type(value).__name__}, expected a string")
+        elif value:
+            yield value
 
 
 def read_text(path: str | os.PathLike, text_split: TextSplit = "paragraph") -> Iterator[str]:
@@ -149,7 +229,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_file():
+        if path.is_file() or _is_hf_saved(path):
             files.append(path)
         elif path.is_dir():
             found = sorted(
@@ -169,13 +249,20 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def read_documents(
-    inputs: Sequence[str | os.PathLike], text_field: str = "text", text_split: TextSplit = "paragraph"
+    inputs: Sequence[str | os.PathLike],
+    text_field: str = "text",
+    text_split: TextSplit = "paragraph",
+    tokens_field: str | None = None,
 ) -> Iterator[str]:
     """Documents of all input files in order (see the module docstring for the formats)."""
     for path in expand_inputs(inputs):
         try:
             if _is_jsonl(path):
-                yield from read_jsonl(path, text_field)
+                yield from read_jsonl(path, text_field, tokens_field)
+            elif path.is_dir() or path.suffix in (".parquet", ".arrow"):
+                yield from read_records(path, text_field, tokens_field)
+            elif tokens_field:
+                raise DataError(f"{path}: pre-tokenized input (--tokens-field) must be JSONL, parquet or arrow")
             else:
                 yield from read_text(path, text_split)
         except UnicodeDecodeError as err:
@@ -199,6 +286,7 @@ class DocumentSource:
         inputs: str | Sequence[str | os.PathLike],
         text_field: str = "text",
         text_split: TextSplit = "paragraph",
+        tokens_field: str | None = None,
     ) -> "DocumentSource":
         """A corpus name (a plain string in CORPORA) or a list of files/directories."""
         if isinstance(inputs, str) and inputs in CORPORA:
@@ -214,6 +302,7 @@ class DocumentSource:
                 "files": [str(p.absolute()) for p in files],
                 "text_field": text_field,
                 "text_split": text_split,
+                **({"tokens_field": tokens_field} if tokens_field else {}),
             },
-            documents=lambda: read_documents(files, text_field, text_split),
+            documents=lambda: read_documents(files, text_field, text_split, tokens_field),
         )

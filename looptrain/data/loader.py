@@ -89,7 +89,7 @@ def _load_meta(root: Path) -> dict:
     return meta
 
 
-def _check_split(root: Path, split: str, meta: dict) -> None:
+def _check_split(root: Path, split: str, meta: dict, check_shards: bool = True) -> None:
     index_path = root / split / "index.json"
     if split not in meta.get("splits", {}):
         fix = (
@@ -104,15 +104,27 @@ def _check_split(root: Path, split: str, meta: dict) -> None:
         )
     index = json.loads(index_path.read_text())
     expected = f"ndarray:{meta['dtype']}:{meta['seq_len'] + 1}"
+    if not index.get("shards"):
+        raise DataError(f"{index_path}: lists no shards; re-run `looptrain prepare --overwrite`")
     for shard in index.get("shards", []):
         if shard.get("column_names") != [TOKENS_COLUMN] or shard.get("column_encodings") != [expected]:
             raise DataError(
                 f"{index_path}: shards hold {shard.get('column_names')} {shard.get('column_encodings')}, "
                 f"expected [{TOKENS_COLUMN!r}] [{expected!r}]; re-run `looptrain prepare --overwrite`"
             )
-        missing = root / split / shard["raw_data"]["basename"]
-        if not missing.is_file():
-            raise DataError(f"{missing}: shard missing; re-run `looptrain prepare --overwrite`")
+        if not check_shards:  # a remote stream's shards arrive while training
+            continue
+        path = root / split / shard["raw_data"]["basename"]
+        if not path.is_file():
+            raise DataError(f"{path}: shard missing; re-run `looptrain prepare --overwrite`")
+        # A truncated or padded shard would fail mid-epoch with an IndexError
+        # from streaming; its size is in the index, so compare it now (one stat).
+        expected_bytes, found_bytes = shard["raw_data"].get("bytes"), path.stat().st_size
+        if expected_bytes is not None and found_bytes != expected_bytes:
+            raise DataError(
+                f"{path}: {found_bytes} bytes but index.json says {expected_bytes} (truncated or damaged copy); "
+                "copy the dataset again or re-run `looptrain prepare --overwrite`"
+            )
 
 
 def check_dataset(
@@ -120,6 +132,7 @@ def check_dataset(
     seq_len: int,
     vocab_size: int,
     splits: Sequence[str] = ("train",),
+    check_shards: bool = True,
 ) -> DatasetInfo:
     """Validate a prepared dataset against the model before anything heavy is built.
 
@@ -138,7 +151,7 @@ def check_dataset(
         raise DataError(f"{shown(root)}: empty directory; make a dataset with `{hint} --overwrite`")
     meta = _load_meta(root)
 
-    tokenizer_path = root / "tokenizer.model"
+    tokenizer_path = root / str(meta.get("tokenizer_file", "tokenizer.model"))
     if not tokenizer_path.is_file():
         raise DataError(f"{tokenizer_path}: missing; re-run `looptrain prepare --overwrite` for {root}")
     if meta.get("tokenizer_sha256") and file_sha256(tokenizer_path) != meta["tokenizer_sha256"]:
@@ -158,7 +171,7 @@ def check_dataset(
             f"set model.max_seq_len={data_seq_len} or re-prepare with --seq-len {seq_len}"
         )
     for split in splits:
-        _check_split(root, split, meta)
+        _check_split(root, split, meta, check_shards)
     return DatasetInfo(
         dir=root,
         vocab_size=data_vocab,
@@ -219,10 +232,15 @@ def _build(
     micro_batch_size: int,
     shuffle: bool,
     drop_last: bool,
+    stream: str | None = None,
 ):
+    from looptrain.data.streams import resolve_streams, streaming_streams
+
     if micro_batch_size < 1:
         raise DataError(f"micro_batch_size={micro_batch_size}: must be >= 1")
-    info = check_dataset(cfg.dir, seq_len, vocab_size, splits=(split,))
+    resolved = resolve_streams(cfg, seq_len=seq_len, vocab_size=vocab_size, splits=(split,), only=stream)
+    if split == "val":
+        resolved = [s for s in resolved if "val" in s.info.splits]
     ensure_streaming_env()
     remove_stale_streaming_state()
 
@@ -232,7 +250,8 @@ def _build(
     for attempt in range(5):
         try:
             dataset = streaming.StreamingDataset(
-                local=str((info.dir / split).resolve()),
+                streams=streaming_streams(resolved, split, weighted=split == "train",
+                                          download_timeout=cfg.download_timeout),
                 batch_size=micro_batch_size,
                 shuffle=shuffle,
                 shuffle_seed=cfg.shuffle_seed,
@@ -258,7 +277,7 @@ def _build(
         # dropout stream of the model.
         generator=torch.Generator().manual_seed(cfg.shuffle_seed),
     )
-    return info, loader
+    return resolved, loader
 
 
 def build_train_loader(
@@ -283,7 +302,7 @@ def build_train_loader(
             f"global batch {global_batch_size} is not a multiple of micro_batch_size {micro_batch_size} x "
             f"world size {world}; change train.global_batch_size or train.micro_batch_size"
         )
-    info, loader = _build(
+    resolved, loader = _build(
         cfg,
         "train",
         seq_len=seq_len,
@@ -292,16 +311,32 @@ def build_train_loader(
         shuffle=cfg.shuffle,
         drop_last=True,
     )
-    sequences = int(info.splits["train"]["sequences"])
+    sequences = int(loader.dataset.epoch_size)
     if sequences < micro_batch_size * world:
+        where = resolved[0].where if len(resolved) == 1 else "data.streams"
         raise DataError(
-            f"{info.dir}: the train split has {sequences} sequences, fewer than one batch "
+            f"{where}: the train split has {sequences} sequences, fewer than one batch "
             f"({micro_batch_size} x {world} ranks); use more text or a smaller train.micro_batch_size"
         )
     return loader
 
 
-def build_val_loader(cfg: DataConfig, *, seq_len: int, vocab_size: int, micro_batch_size: int):
+def build_val_loaders(cfg: DataConfig, *, seq_len: int, vocab_size: int, micro_batch_size: int) -> dict:
+    """One validation loader per stream that has a val split, by stream name."""
+    from looptrain.data.streams import resolve_streams
+
+    resolved = resolve_streams(cfg, seq_len=seq_len, vocab_size=vocab_size, splits=("val",))
+    return {
+        s.name: build_val_loader(cfg, seq_len=seq_len, vocab_size=vocab_size, micro_batch_size=micro_batch_size,
+                                 stream=s.name)
+        for s in resolved
+        if "val" in s.info.splits
+    }
+
+
+def build_val_loader(
+    cfg: DataConfig, *, seq_len: int, vocab_size: int, micro_batch_size: int, stream: str | None = None
+):
     """The validation StreamingDataLoader of this rank: fixed order, every sequence once.
 
     No shuffling, and the last partial batch is kept. Ranks read disjoint
@@ -316,6 +351,7 @@ def build_val_loader(cfg: DataConfig, *, seq_len: int, vocab_size: int, micro_ba
         micro_batch_size=micro_batch_size,
         shuffle=False,
         drop_last=False,
+        stream=stream,
     )
     return loader
 

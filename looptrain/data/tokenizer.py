@@ -214,3 +214,95 @@ def _phase_printer(enabled: bool, start: float):
             print(f"[{time.perf_counter() - start:6.1f} s] {text}", file=sys.stderr, flush=True)
 
     return say
+
+
+# ------------------------------------------------------------ other tokenizers
+
+# Names Hugging Face tokenizers give their end-of-text token, in order of preference.
+HF_EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>", "[SEP]")
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # what a prepared dataset may hold
+
+
+@dataclass(frozen=True)
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` (the `tokenizers` library), with the same operations as Tokenizer.
+
+    Documents are encoded without the tokenizer's own special tokens (BOS/CLS);
+    the end-of-text token that separates documents is the first of
+    HF_EOS_TOKENS that the vocabulary has.
+    """
+
+    tokenizer: object
+    path: str
+    eos_id: int
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "HFTokenizer":
+        path = os.fspath(path)
+        try:
+            from tokenizers import Tokenizer as _HF
+        except ImportError as err:
+            raise TokenizerError(f"{path}: a tokenizer.json needs the `tokenizers` library: "
+                                 "pip install 'looptrain[hf]'") from err
+        try:
+            tokenizer = _HF.from_file(path)
+        except Exception as err:  # the Rust side raises plain Exception
+            raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json ({str(err)[:120]})") from err
+        for token in HF_EOS_TOKENS:
+            token_id = tokenizer.token_to_id(token)
+            if token_id is not None:
+                return cls(tokenizer=tokenizer, path=path, eos_id=int(token_id))
+        raise TokenizerError(f"{path}: has none of the end-of-text tokens {', '.join(HF_EOS_TOKENS)}; "
+                             "add one to the vocabulary")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return -1
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+
+def tokenizer_file(path: str | os.PathLike) -> Path:
+    """The tokenizer file `--tokenizer PATH` means: a .model, a tokenizer.json, or a prepared dataset's."""
+    path = Path(path)
+    if path.is_dir():
+        named = None
+        meta = path / "dataset.json"
+        if meta.is_file():
+            import json
+
+            try:
+                named = json.loads(meta.read_text()).get("tokenizer_file")
+            except (ValueError, AttributeError):
+                named = None
+        for name in ([named] if named else []) + list(TOKENIZER_FILES):
+            if (path / name).is_file():
+                return path / name
+        raise TokenizerError(f"{path}: a directory without {' or '.join(TOKENIZER_FILES)}; pass a tokenizer file "
+                             "or a prepared dataset")
+    if not path.is_file():
+        raise TokenizerError(f"{path}: no tokenizer here; pass a sentencepiece .model, a tokenizer.json or a "
+                             "prepared dataset directory")
+    return path
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A sentencepiece model or a Hugging Face tokenizer.json (by file name), or a dataset's tokenizer."""
+    path = tokenizer_file(path)
+    if path.name.endswith(".json"):
+        return HFTokenizer.load(path)
+    return Tokenizer.load(path)

@@ -120,5 +120,7 @@ def load_model_for_eval(path: str | os.PathLike) -> LoadedModel:
             f"{p}: neither an export ({WEIGHTS_FILE} + {CONFIG_FILE}) nor a run/checkpoint directory "
             "(recipe.yaml + checkpoints/); point at one of those"
         )
-    data_dir = recipe.data.dir if recipe is not None else None
+    data_dir = None
+    if recipe is not None:  # with data.streams: the first stream's (pass --data for another)
+        data_dir = recipe.data.streams[0].path if recipe.data.streams else recipe.data.dir
     return LoadedModel(model.eval(), recipe, data_dir)
