@@ -14,6 +14,7 @@ from typing import Optional
 
 from looptrain import exit_codes
 from looptrain.eval.load import EvalError, run_dir_of
+from looptrain.eval.tasks import add_task_arguments
 
 DEFAULT_OUT = "eval_out"
 
@@ -67,6 +68,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autocast precision of the model's matmuls (losses stay fp32)")
     parser.add_argument("--chunk-tokens", type=int, default=4096,
                         help="tokens per chunk of full-vocabulary logits (lower it if memory is short)")
+    add_task_arguments(parser)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -90,6 +92,10 @@ def run_eval(args: argparse.Namespace) -> int:
             )
             for path in args.paths
         ]
+        if args.tasks:
+            from looptrain.eval.tasks import attach_task_results
+
+            attach_task_results(results, args.paths, args)
     except bad_input as err:
         print(f"looptrain eval: error: {err}", file=sys.stderr)
         return exit_codes.BAD_INPUT
@@ -99,6 +105,11 @@ def run_eval(args: argparse.Namespace) -> int:
     files = write_reports(results, out_dir)
     files.update(write_plots(results, out_dir))
     print(markdown(results))
+    if args.tasks:
+        from looptrain.eval.tasks import task_markdown, write_task_reports
+
+        files.update(write_task_reports(results, out_dir))
+        print(task_markdown(results))
     print(f"wrote {', '.join(sorted(os.path.basename(p) for p in files.values()))} to {out_dir}")
     return exit_codes.OK
 
