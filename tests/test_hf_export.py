@@ -211,6 +211,29 @@ def test_early_exit_decoding_with_cache_equals_the_same_policy_recomputed(policy
         assert torch.allclose(incremental_logits(hf, ids, 1, exit_kv="compute", **kw), exact.logits, atol=1e-5)
 
 
+def test_generate_takes_depth_and_exit_policy_per_call(tmp_path, transformers):
+    """`generate(..., depth=, exit_policy=, exit_threshold=)` (cached) equals greedy recomputation of the whole
+    prefix with the same knobs, and at depth 5 equals looptrain's own model at depth 5."""
+    model = perturbed_model(ModelConfig(**{**TINY, "loops": 4}))
+    hf, _ = export_and_load(model, tmp_path, transformers)
+    prompt = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        for knobs in ({"depth": 5}, {"exit_policy": "max_prob", "exit_threshold": 0.0045},
+                      {"exit_policy": "entropy", "exit_threshold": 0.03, "depth": 6}):
+            got = hf.generate(prompt, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt),
+                              pad_token_id=0, eos_token_id=None, **knobs)
+            seq = prompt
+            for _ in range(10):
+                nxt = hf(seq, use_cache=False, **knobs).logits[:, -1].argmax(-1, keepdim=True)
+                seq = torch.cat((seq, nxt), dim=1)
+            assert torch.equal(got, seq), knobs
+            if "exit_policy" not in knobs:
+                ref = prompt
+                for _ in range(10):
+                    ref = torch.cat((ref, looptrain_logits(model, ref, 5)[:, -1].argmax(-1, keepdim=True)), dim=1)
+                assert torch.equal(got, ref)
+
+
 # ----------------------------------------------------------------- tokenizer + no looptrain
 
 
@@ -388,3 +411,36 @@ def test_old_format_stays_available(tmp_path, sp_model, capsys):
     assert load_exported(out).cfg == cfg
     code, _, err = _run_cli(["export", str(out), str(tmp_path / "plain"), "--format", "looptrain"], capsys)
     assert code == exit_codes.BAD_INPUT and len(err.strip().splitlines()) == 1  # the old format reads checkpoints
+
+
+@pytest.mark.slow
+def test_export_and_generate_from_a_trained_run(tmp_path, bible_data, capsys, transformers):
+    """A real run directory: `looptrain export RUN OUT` consolidates its checkpoint, ships the dataset's
+    tokenizer and a model card with the training tokens and per-loop norms; `looptrain generate RUN` and
+    the export decode the same greedy text."""
+    from looptrain.data.loader import SINGLE_PROCESS_ENV
+    from looptrain.train import main_worker
+
+    recipe = load_recipe(os.path.join(ROOT, "recipes/quickstart.yaml"), [
+        f"data.dir={bible_data}", f"out_dir={tmp_path}", "name=tiny", "model.vocab_size=512", "model.max_seq_len=64",
+        "model.d_model=32", "model.n_heads=4", "model.core_layers=1", "model.loops=3", "train.micro_batch_size=4",
+        "train.steps=2", "train.log_every=1", "train.val_every=0", "optim.schedule.warmup_steps=0",
+    ])
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in SINGLE_PROCESS_ENV.items():
+            mp.setenv(key, value)
+        assert main_worker(recipe) == exit_codes.OK
+    capsys.readouterr()
+    out = tmp_path / "exported"
+    code, stdout, stderr = _run_cli(["export", recipe.run_dir, str(out)], capsys)
+    assert code == exit_codes.OK, stderr
+    card = (out / "README.md").read_text()
+    assert f"training tokens: {2 * 4 * 64:,} (step 2)" in card and "| 3 |" in card and "quickstart" in card
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True)
+    assert hf.config.inference_depth == 3
+    args = ["--prompt", "And God said", "--max-new-tokens", "10", "--temperature", "0"]
+    code, from_run, err = _run_cli(["generate", recipe.run_dir, *args], capsys)
+    assert code == exit_codes.OK, err
+    code, from_export, err = _run_cli(["generate", str(out), *args], capsys)
+    assert code == exit_codes.OK, err
+    assert from_run == from_export and from_run.startswith("And God said")
