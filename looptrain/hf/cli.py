@@ -79,6 +79,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="sentencepiece model (default: the export's / run's)")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every token")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: torch's; 1 is often fastest for one sequence on a busy machine)")
 
 
 def run_generate(args) -> int:
@@ -90,6 +92,10 @@ def run_generate(args) -> int:
     if args.depth is not None and args.depth < 1:
         return _error(f"--depth must be >= 1 loop, got {args.depth}")
     knobs = Knobs(args.depth, args.exit_policy, args.threshold, args.exit_kv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     try:
         sampling.check()
