@@ -37,7 +37,7 @@ from looptrain.generate import load_for_generation  # noqa: E402
 SWEEPS = {
     "max_prob": [0.1, 0.2, 0.3, 0.5],
     "entropy": [0.3, 0.4, 0.5, 0.6],
-    "kl": [0.5, 0.8, 0.9, 0.97],
+    "kl": [0.9, 0.99, 0.995, 0.999],
 }
 
 
@@ -64,6 +64,7 @@ def main() -> int:
     parser.add_argument("source")
     parser.add_argument("--sequences", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--policies", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.update({k: os.environ.get(k, v) for k, v in SINGLE_PROCESS_ENV.items()})
@@ -80,7 +81,8 @@ def main() -> int:
     print(f"{args.source}: {inputs.numel()} tokens, depth K={K}, full-depth decoding ppl {full_ppl:.2f}")
     print("| exit policy | threshold | exit KV | mean loops | loops saved | ppl | Δppl | top-1 agree |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for policy, thresholds in SWEEPS.items():
+    for policy in args.policies:
+        thresholds = SWEEPS[policy]
         for threshold in thresholds:
             for kv in ("copy", "compute"):
                 logits, loops = decode(model, inputs, exit_policy=policy, exit_threshold=threshold, exit_kv=kv)

@@ -47,14 +47,14 @@ def decode(model, prompts: torch.Tensor, new_tokens: int, use_cache: bool):
         return torch.tensor([tokens]), time.perf_counter() - start
     start = time.perf_counter()
     seq = prompts
-    out = model(seq, use_cache=use_cache)
+    out = model(seq, use_cache=use_cache, logits_to_keep=1)
     for _ in range(new_tokens):
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat((seq, token), dim=1)
         if use_cache:
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(token, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
         else:
-            out = model(seq, use_cache=False)
+            out = model(seq, use_cache=False, logits_to_keep=1)
     return seq[:, prompts.shape[1]:], time.perf_counter() - start
 
 

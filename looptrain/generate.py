@@ -198,7 +198,7 @@ def generate_steps(
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    kwargs = knobs.kwargs()
+    kwargs = {**knobs.kwargs(), "logits_to_keep": 1}  # only the last position's logits are sampled from
     seq = torch.tensor([prompt_ids], device=device)
     out = model(seq, use_cache=use_cache, **kwargs)
     cache = out.past_key_values if use_cache else None
