@@ -76,6 +76,38 @@ def rotary_tables(head_dim: int, length: int, theta: float, device) -> tuple[tor
     return angles.cos().float(), angles.sin().float()
 
 
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that appends into a buffer with spare capacity instead of concatenating.
+
+    `torch.cat` copies the whole cache of every (loop, layer) slot at every token, which
+    at K loops is K times the copying of a plain transformer; here `keys`/`values` are
+    views of buffers that double when full, so a token writes only its own entries.
+    A cache rewritten from outside (beam reordering, cropping) is adopted as it is.
+    """
+
+    def update(self, key_states, value_states, cache_kwargs=None):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+        length = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        buffers = getattr(self, "_buffers_kv", None)
+        if buffers is None or length and buffers[0].data_ptr() != self.keys.data_ptr():
+            buffers = None  # first use, or the cache was replaced from outside
+        need = length + key_states.shape[-2]
+        if buffers is None or need > buffers[0].shape[-2]:
+            capacity = max(2 * need, 64)
+            shape = (*key_states.shape[:-2], capacity, key_states.shape[-1])
+            new = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if length:
+                new[0][..., :length, :] = self.keys
+                new[1][..., :length, :] = self.values
+            buffers = new
+            self._buffers_kv = buffers
+        buffers[0][..., length:need, :] = key_states
+        buffers[1][..., length:need, :] = value_states
+        self.keys, self.values = buffers[0][..., :need, :], buffers[1][..., :need, :]
+        return self.keys, self.values
+
+
 class _Pass:
     """What one forward call shares with every attention layer: positions, mask, cache, frozen tokens."""
 
@@ -153,7 +185,7 @@ class _Pass:
             slots[key] = len(slots)
         idx = slots[key]
         while len(self.cache.layers) <= idx:
-            self.cache.layers.append(DynamicLayer())
+            self.cache.layers.append(GrowingLayer())
         return self.cache.update(k, v, idx)
 
 
