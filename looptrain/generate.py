@@ -217,8 +217,10 @@ def generate_steps(
 
 
 def stream_generate(model, tokenizer, prompt: str, sampling: Sampling, knobs: Knobs, *,
-                    use_cache: bool = True, out: TextIO = sys.stdout) -> dict:
-    """Print the prompt's continuation as it is produced; return the text and timing."""
+                    use_cache: bool = True, out: Optional[TextIO] = None) -> dict:
+    """Print the prompt's continuation as it is produced (to `out`, default the current sys.stdout);
+    return the text and timing."""
+    out = sys.stdout if out is None else out
     ids: list[int] = []
     printed = ""
     loops: list[float] = []
