@@ -144,8 +144,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                   "plot norm per loop and loss per exit for one or more runs")
     _add_optional(sub, "inspect", "looptrain.checkpoint.tools", "add_inspect_arguments", "run_inspect",
                   "show a checkpoint: step, tokens, recipe diff, shards, per-loop norms")
-    _add_optional(sub, "export", "looptrain.checkpoint.tools", "add_export_arguments", "run_export",
-                  "write a consolidated safetensors model + config from a checkpoint")
+    _add_optional(sub, "export", "looptrain.export_cli", "add_export_arguments", "run_export",
+                  "write a checkpoint as a transformers model folder (or --format looptrain)")
+    _add_optional(sub, "generate", "looptrain.export_cli", "add_generate_arguments", "run_generate",
+                  "sample text from a checkpoint, run or export with a KV cache, streaming it")
     _add_optional(sub, "eval", "looptrain.eval.cli", "add_eval_arguments", "run_eval",
                   "perplexity per inference depth, early exits and scale diagnostics")
     _add_optional(sub, "launch", "looptrain.launch.cli", "add_launch_arguments", "run_launch",

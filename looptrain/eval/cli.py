@@ -14,6 +14,7 @@ from typing import Optional
 
 from looptrain import exit_codes
 from looptrain.eval.load import EvalError
+from looptrain.eval.tasks import add_task_arguments
 
 DEFAULT_OUT = "eval_out"
 
@@ -71,6 +72,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-tokens", type=int, default=4096,
                         help="tokens per chunk of full-vocabulary logits (lower it if memory is short)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_task_arguments(parser)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -86,6 +88,10 @@ def run_eval(args: argparse.Namespace) -> int:
         if args.exit_target < 0:
             raise EvalError(f"--exit-target must be >= 0 (0.01 = 1%), got {args.exit_target}")
         depths = parse_depths(args.depths)
+        if args.tasks:
+            from looptrain.eval.tasks import task_manager
+
+            task_manager([t.strip() for t in args.tasks.split(",") if t.strip()], args.task_dir)
         results = [
             evaluate_run(
                 path, args.data, depths, args.batches, batch_size=args.batch_size,
@@ -95,6 +101,10 @@ def run_eval(args: argparse.Namespace) -> int:
             )
             for path in args.paths
         ]
+        if args.tasks:
+            from looptrain.eval.tasks import attach_task_results
+
+            attach_task_results(results, args.paths, args)
     except bad_input as err:
         print(f"looptrain eval: error: {err}", file=sys.stderr)
         return exit_codes.BAD_INPUT
@@ -104,6 +114,11 @@ def run_eval(args: argparse.Namespace) -> int:
     files = write_reports(results, out_dir)
     files.update(write_plots(results, out_dir))
     print(markdown(results))
+    if args.tasks:
+        from looptrain.eval.tasks import task_markdown, write_task_reports
+
+        files.update(write_task_reports(results, out_dir))
+        print(task_markdown(results))
     print(f"wrote {', '.join(sorted(os.path.basename(p) for p in files.values()))} to {out_dir}")
     return exit_codes.OK
 
