@@ -197,14 +197,45 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def _install_signal_handlers(self) -> None:
+        """SIGUSR2/SIGTERM (time limit, preemption, scancel) and a first Ctrl-C stop the run at the
+        next step boundary with a checkpoint on every rank; a second Ctrl-C aborts at once."""
+
         def on_signal(signum, _frame):
             self._preempt_signal = signum
 
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
+        def on_interrupt(signum, _frame):
+            if self._preempt_signal is None:
+                self._preempt_signal = signum
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C raises KeyboardInterrupt
+            if self.env.is_main:
+                print("\nlooptrain: Ctrl-C: stopping after this step and saving a checkpoint "
+                      "(press Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
+
+        for sig, handler in ((signal.SIGUSR2, on_signal), (signal.SIGTERM, on_signal), (signal.SIGINT, on_interrupt)):
             try:
-                signal.signal(sig, on_signal)
+                signal.signal(sig, handler)
             except ValueError:  # not the main thread
                 pass
+
+    def _stop_code(self) -> int:
+        """CANCELLED when this rank saw Ctrl-C, else PREEMPTED (the launcher decides about a requeue)."""
+        stopped_by = torch.tensor([1.0 if self._preempt_signal == signal.SIGINT else 0.0], device=self.env.device)
+        if self.env.distributed:
+            torch.distributed.all_reduce(stopped_by, op=torch.distributed.ReduceOp.MAX)
+        return exit_codes.CANCELLED if bool(stopped_by.item()) else exit_codes.PREEMPTED
+
+    def _say_where_it_stopped(self, code: int, checkpoint: Optional[str]) -> None:
+        if not self.env.is_main:
+            return
+        if code == exit_codes.CANCELLED:
+            why = "Ctrl-C"
+        elif self._preempt_signal is not None:
+            why = signal.Signals(self._preempt_signal).name
+        else:
+            why = "a signal to another rank"
+        print(f"looptrain: stopped at step {self.state.step}/{self.recipe.train.steps} ({why}); "
+              f"checkpoint: {checkpoint}; resume by running the same command again "
+              f"(checkpoint.resume=auto continues from {self.run_dir}/checkpoints)", file=sys.stderr, flush=True)
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = next(self.batches)
@@ -324,9 +355,11 @@ class Trainer:
             if self.checkpointer.due(self.state.step):
                 self.checkpointer.save(self, reason="interval")
             if self._preempted():
-                self.checkpointer.save(self, reason="preempt")
+                code = self._stop_code()
+                checkpoint = self.checkpointer.save(self, reason="preempt")
                 self.checkpointer.wait()
-                return TrainResult(exit_codes.PREEMPTED, self.state.step, self.run_dir, metrics)
+                self._say_where_it_stopped(code, checkpoint)
+                return TrainResult(code, self.state.step, self.run_dir, metrics)
         if self.recipe.checkpoint.save_final:
             self.checkpointer.save(self, reason="final")
         self.checkpointer.wait()
@@ -345,7 +378,7 @@ def train(recipe: Recipe, *, force_resume: bool = False) -> TrainResult:
     finally:
         if trainer is not None:
             trainer.tracker.finish(result.exit_code)
-        if result.exit_code in (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED):
+        if result.exit_code in (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED, exit_codes.CANCELLED):
             shutdown_distributed()
 
 

@@ -119,3 +119,157 @@ def test_jobs_starting_together_on_one_host_never_share_streaming_memory(bible_d
             assert "Traceback" not in job.output(), job.output()
             batches.add(tuple(sorted(job.lines("batch"))))
     assert len(batches) == 1, batches
+
+
+# ====================================================================== signals
+
+
+def tiny_run(data: str, out: Path, name: str, *, steps: int = 5000, extra: tuple[str, ...] = ()) -> list[str]:
+    """`looptrain train` of a looped LM small enough that the run is mostly start-up."""
+    return [
+        sys.executable, "-m", "looptrain.cli", "train", str(REPO_ROOT / "recipes" / "quickstart.yaml"),
+        "model.d_model=64", "model.n_heads=4", "model.vocab_size=512", "model.max_seq_len=64",
+        "model.core_layers=2", f"train.steps={steps}", "train.micro_batch_size=4", "train.log_every=1",
+        "train.val_every=0", "optim.schedule.warmup_steps=2", f"data.dir={data}", f"out_dir={out}",
+        f"name={name}", "data.num_canonical_nodes=2", "checkpoint.every=0", *extra,
+    ]
+
+
+def start(command: list[str], log: Path, **env: str) -> subprocess.Popen:
+    """In its own session, as a shell starts a foreground job (Ctrl-C reaches its process group)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), **env}
+    return subprocess.Popen(command, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=full_env,
+                            start_new_session=True, cwd=REPO_ROOT)
+
+
+def wait_for_step(proc: subprocess.Popen, log: Path, step: int, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while f"step {step}/" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.1)
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of a process (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def manifests(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "checkpoints").glob("step_*/manifest.json"))]
+
+
+@pytest.mark.slow
+def test_first_ctrl_c_checkpoints_every_rank_and_ends_cancelled(bible_data, tmp_path):
+    """Ctrl-C at a terminal: SIGINT to the launcher's process group. Both ranks stop after the same
+    step, write one checkpoint together, say where it is and how to resume, and the job exits
+    CANCELLED (19); W&B records a finished run whose outcome is `cancelled`."""
+    from looptrain import exit_codes
+    from looptrain.tracking.wandb_records import offline_run_files, read_records
+
+    log = tmp_path / "train.log"
+    proc = start([*tiny_run(bible_data, tmp_path, "ctrl-c", extra=("parallel.backend=fsdp2", "tracking.mode=offline")),
+                  "--nproc", "2"], log)
+    wait_for_step(proc, log, 3)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=240) == exit_codes.CANCELLED, log.read_text()[-4000:]
+    out = log.read_text()
+    (manifest,) = manifests(tmp_path / "ctrl-c")
+    assert manifest["world_size"] == 2 and manifest["step"] >= 3
+    checkpoint = tmp_path / "ctrl-c" / "checkpoints" / f"step_{manifest['step']:08d}"
+    assert f"stopped at step {manifest['step']}/5000 (Ctrl-C); checkpoint: {checkpoint}" in out, out[-3000:]
+    assert "resume by running the same command again" in out
+    assert "Traceback" not in out, out[-4000:]
+    (run_file,) = offline_run_files(str(tmp_path / "ctrl-c"))
+    records = list(read_records(run_file))
+    exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
+    summary = {item.key: item.value_json for r in records if r.WhichOneof("record_type") == "summary"
+               for item in r.summary.update}
+    assert exits == [0] and summary.get("outcome") == '"cancelled"', (exits, summary)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_even_when_the_wandb_service_died_with_it(bible_data, tmp_path):
+    """scancel signals every process of the step, W&B's service included: the next W&B call raises
+    ConnectionResetError. The run must still checkpoint and exit PREEMPTED (18), carrying on
+    without W&B and saying so."""
+    from looptrain import exit_codes
+
+    log = tmp_path / "train.log"
+    proc = start(tiny_run(bible_data, tmp_path, "term", extra=("tracking.mode=offline",)), log)
+    wait_for_step(proc, log, 3)
+    for pid in [proc.pid, *children(proc.pid)]:  # the trainer, W&B's service, streaming's helpers
+        os.kill(pid, signal.SIGTERM)
+    assert proc.wait(timeout=240) == exit_codes.PREEMPTED, log.read_text()[-4000:]
+    out = log.read_text()
+    (manifest,) = manifests(tmp_path / "term")
+    assert manifest["reason"] == "preempt" and manifest["step"] >= 3
+    assert f"stopped at step {manifest['step']}/5000 (SIGTERM)" in out
+    assert "continuing without W&B" in out and "ConnectionResetError" in out, out[-4000:]
+    assert "Traceback" not in out, out[-4000:]
+
+
+@pytest.mark.slow
+def test_killing_the_launcher_stops_its_workers(bible_data, tmp_path):
+    """`looptrain train --nproc 2` killed with SIGKILL (no handler runs): its workers must stop at once,
+    not train on and write a checkpoint (due every 20 steps) before a print to the dead launcher's
+    pipe happens to end them."""
+    log = tmp_path / "train.log"
+    proc = start([*tiny_run(bible_data, tmp_path, "orphans", extra=("parallel.backend=fsdp2", "train.log_every=100000",
+                                                                     "checkpoint.every=20")), "--nproc", "2"], log)
+    deadline = time.monotonic() + 240
+    while "starting from step 0" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.1)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60  # a hang limit, not a timing claim: the kernel kills them at once
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists() and
+                 Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"]
+        time.sleep(0.2)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "workers outlived their launcher"
+    assert not list((tmp_path / "orphans").glob("checkpoints/step_*")), "workers trained on after the launcher died"
+
+
+LAUNCHER = """
+import sys
+from looptrain.launch.local import launch_workers
+worker = '''
+import os, signal, sys, time
+def on_int(*_):
+    print("stopping: checkpointing", flush=True)
+    time.sleep(60)  # a checkpoint that takes long
+    sys.exit(19)
+signal.signal(signal.SIGINT, on_int)
+print("ready", flush=True)
+time.sleep(600)
+'''
+sys.exit(launch_workers([sys.executable, "-c", worker], 2))
+"""
+
+
+def test_second_ctrl_c_aborts_the_launcher_at_once(tmp_path):
+    """The first Ctrl-C is passed on to the workers (they checkpoint); a second one kills them now."""
+    log = tmp_path / "launcher.log"
+    proc = start([sys.executable, "-c", LAUNCHER], log)
+    deadline = time.monotonic() + 60
+    while log.read_text().count("ready") < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    while log.read_text().count("stopping: checkpointing") < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=30) == 130, log.read_text()
+    assert "aborting" in log.read_text()

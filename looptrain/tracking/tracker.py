@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import IO, Any, Optional
 
@@ -72,8 +73,7 @@ class Tracker:
         self._write(self._metrics_file, {"step": step, **metrics})
         for line in format_lines(step, self.total_steps, metrics):
             print(line, flush=True)
-        if self._wandb is not None:
-            self._wandb.log(step, metrics)
+        self._to_wandb("log", lambda run: run.log(step, metrics))
 
     def event(self, ev: MonitorEvent) -> None:
         """Record a monitor event: events.jsonl (always), the console, and a
@@ -82,9 +82,11 @@ class Tracker:
             return
         self._write(self._events_file, {**ev.to_dict(), "time": time.time()})
         print(f"[monitor {ev.level} {ev.action}] step {ev.step} {ev.rule}: {ev.message}", flush=True)
-        if self._wandb is not None and ev.action in ("alert", "halt"):
-            title = f"{self._wandb.run.name}: {ev.rule} {ev.level}"
-            self._wandb.alert(title, f"step {ev.step}: {ev.message}", ev.level)
+        if ev.action in ("alert", "halt"):
+            self._to_wandb("alert", lambda run: run.alert(
+                f"{run.run.name}: {ev.rule} {ev.level}", f"step {ev.step}: {ev.message}", ev.level))
+        if ev.action == "halt":
+            self._to_wandb("halt record", lambda run: run.mark_halted(ev.rule, ev.message, ev.step))
 
     def finish(self, exit_code: int = 0) -> None:
         """Draw the per-loop W&B charts, close W&B with the exit status and close the files."""
@@ -92,15 +94,29 @@ class Tracker:
             return
         self._finished = True
         try:
-            if self._wandb is not None:
-                if self._last_step is not None and self._metrics_file is not None:
-                    self._metrics_file.flush()
-                    self._wandb.log_per_loop_charts(self._last_step, read_metrics(self.run_dir))
-                self._wandb.finish(exit_code)
+            if self._last_step is not None and self._metrics_file is not None:
+                self._metrics_file.flush()
+                records = read_metrics(self.run_dir)
+                self._to_wandb("per-loop charts", lambda run: run.log_per_loop_charts(self._last_step, records))
+            self._to_wandb("finish", lambda run: run.finish(exit_code))
         finally:
             for f in (self._metrics_file, self._events_file):
                 if f is not None:
                     f.close()
+
+    def _to_wandb(self, what: str, call) -> None:
+        """Pass one call to W&B. Tracking never decides a run's fate: when W&B fails (its service
+        died with a signal, the network went away), say so once and carry on without it; the
+        JSONL files keep everything."""
+        if self._wandb is None:
+            return
+        try:
+            call(self._wandb)
+        except Exception as err:  # noqa: BLE001 - any tracker error, by design
+            broken, self._wandb = self._wandb, None
+            broken.abandon()
+            print(f"looptrain: W&B {what} failed ({type(err).__name__}: {err}); continuing without W&B "
+                  f"(metrics.jsonl and events.jsonl in {self.run_dir} keep everything)", file=sys.stderr, flush=True)
 
     @staticmethod
     def _write(f: Optional[IO[str]], record: dict[str, Any]) -> None:
