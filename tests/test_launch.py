@@ -262,8 +262,10 @@ def test_sbatch_script_requeues_only_checkpointed_runs(tmp_path, rc, left_s, ear
     out, _ = proc.communicate(timeout=30)
     ends = [a for a in records.read_attempts(run_dir, "42") if a.event == "end"][earlier_timeouts:]
     assert [(a.outcome, a.exit_code, a.requeue_kind) for a in ends] == [(outcome, rc, kind)], out
-    scontrol = (tmp_path / "scontrol.log").read_text() if (tmp_path / "scontrol.log").exists() else ""
-    assert scontrol == ("requeue 42\n" if requeued else ""), out
+    calls = (tmp_path / "scontrol.log").read_text().splitlines() if (tmp_path / "scontrol.log").exists() else []
+    assert [c for c in calls if c.startswith("requeue")] == (["requeue 42"] if requeued else []), out
+    # Slurm's accounting says FAILED for a halt and an error alike: the job comment tells them apart.
+    assert any(c.startswith(f"update JobId=42 Comment=looptrain: {outcome} (exit {rc})") for c in calls), calls
 
 
 def test_sbatch_script_forwards_the_warning_signal_to_the_ranks(tmp_path):
@@ -287,7 +289,8 @@ exit 3
     assert (tmp_path / "srun-got-usr2").exists(), out
     ends = [a for a in records.read_attempts(run_dir, "42") if a.event == "end"]
     assert [(a.outcome, a.requeue_kind) for a in ends] == [("requeued", "preemption")], out
-    assert (tmp_path / "scontrol.log").read_text() == "requeue 42\n"
+    assert [c for c in (tmp_path / "scontrol.log").read_text().splitlines() if c.startswith("requeue")] == [
+        "requeue 42"]
 
 
 # ==================================================================== requeue policy

@@ -237,6 +237,30 @@ def decide_requeue(
     return RequeueDecision(True, kind, "")
 
 
+def job_comment(outcome: str, code: int, run_dir: str, reason: Optional[str] = None) -> str:
+    """What the attempt's end means, for Slurm's job comment: submitit reports every stopped run as
+    FAILED 1:0 in sacct, so a halt could not be told from a crash there."""
+    text = f"looptrain: {outcome} (exit {code})"
+    if outcome == records.HALTED:
+        from looptrain.monitor.halt import read_halt_record
+
+        halt = read_halt_record(run_dir) or {}
+        text += f": monitor rule {halt.get('rule', '?')} at step {halt.get('step', '?')}: {halt.get('message', '')}"
+    elif reason:
+        text += f": {reason}"
+    return text[:250]
+
+
+def set_job_comment(raw_job_id: str, text: str) -> None:
+    """`scontrol update JobId=... Comment=...`: shown by `scontrol show job`, `squeue -o %k` and
+    (with AccountingStoreFlags=job_comment) `sacct -o Comment`. Best effort."""
+    try:
+        subprocess.run(["scontrol", "update", f"JobId={raw_job_id}", f"Comment={text}"],
+                       capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        pass
+
+
 def requeue_job(raw_job_id: str) -> None:
     subprocess.run(["scontrol", "requeue", raw_job_id], check=True, capture_output=True, text=True, timeout=60)
 
@@ -244,7 +268,9 @@ def requeue_job(raw_job_id: str) -> None:
 # ----------------------------------------------------------------------- job
 
 
-_OUTCOMES = {exit_codes.OK: records.FINISHED, exit_codes.HALTED: records.HALTED}
+_OUTCOMES = {exit_codes.OK: records.FINISHED, exit_codes.HALTED: records.HALTED,
+             exit_codes.CANCELLED: records.CANCELLED}
+_CLEAN_ENDS = (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED, exit_codes.CANCELLED)
 
 
 class SlurmTrainJob(submitit.helpers.Checkpointable):
@@ -278,7 +304,7 @@ class SlurmTrainJob(submitit.helpers.Checkpointable):
         from looptrain.train import main_worker
 
         code = main_worker(self.recipe, force_resume=self.force_resume)
-        if code in (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED) and os.environ.get("LOCAL_RANK") == "0":
+        if code in _CLEAN_ENDS and os.environ.get("LOCAL_RANK") == "0":
             # Every rank has passed the trainer's final barrier: nobody needs the locks any more.
             shutil.rmtree(tmp, ignore_errors=True)
         return self._conclude(task, code)
@@ -287,7 +313,7 @@ class SlurmTrainJob(submitit.helpers.Checkpointable):
         result = {"exit_code": code, "run_dir": self.run_dir, "job_id": task.job_id, "rank": task.rank}
         coordinated = code in (exit_codes.HALTED, exit_codes.PREEMPTED)
         if task.rank != 0:
-            if code == exit_codes.OK:
+            if code in (exit_codes.OK, exit_codes.CANCELLED):
                 return result
             if coordinated:
                 self._wait_for_rank0(task)
@@ -316,7 +342,7 @@ class SlurmTrainJob(submitit.helpers.Checkpointable):
 
         outcome = _OUTCOMES.get(code, records.FAILED)
         self._record_end(task, code, outcome)
-        if code == exit_codes.OK:
+        if code in (exit_codes.OK, exit_codes.CANCELLED):  # a Ctrl-C/SIGINT stop is not a failure
             return result
         if code == exit_codes.HALTED:
             raise RunStopped(f"{self.run_dir}: halted by the norm monitor (exit status 17, see HALTED.json)")
@@ -328,6 +354,7 @@ class SlurmTrainJob(submitit.helpers.Checkpointable):
             self.run_dir, event="end", job_id=task.job_id, restart=task.restart, outcome=outcome,
             exit_code=code, requeue_kind=kind, reason=reason,
         )
+        set_job_comment(task.raw_job_id, job_comment(outcome, code, self.run_dir, reason))
 
     def _wait_for_rank0(self, task: TaskInfo) -> None:
         deadline = time.monotonic() + PEER_WAIT_S

@@ -56,6 +56,10 @@ record() {  # record EVENT [OUTCOME EXIT_CODE REQUEUE_KIND REASON]
   fi
   printf '{"event": "%s", "job_id": "%s", "restart": %d, "time": %s, "launcher": "sbatch", "host": "%s"%s}\n' \
     "$1" "$JOB_ID" "$RESTART" "$(date +%s.%N)" "$(hostname)" "$extra" >>"$ATTEMPTS"
+  # Slurm's accounting says FAILED for a halt and an error alike: the job comment tells them apart.
+  if [[ $1 == end ]]; then
+    scontrol update "JobId=$SLURM_JOB_ID" "Comment=looptrain: $2 (exit $3)${5:+: $5}" >/dev/null 2>&1 || true
+  fi
 }
 
 seconds_left() {  # start + time limit - now (the end time moves on preemption); nothing when unknown
@@ -101,7 +105,11 @@ last=$?
 
 case $rc in
   0) record end finished 0; exit 0 ;;
-  17) record end halted 17; exit 17 ;;
+  17)
+    rule=$(@@PYTHON@@ -c 'import json, sys; h = json.load(open(sys.argv[1])); print(f"monitor rule {h[\"rule\"]} at step {h[\"step\"]}")' \
+      "$RUN_DIR/HALTED.json" 2>/dev/null)
+    record end halted 17 "" "$rule"; exit 17 ;;
+  19) record end cancelled 19 "" "stopped by SIGINT"; exit 0 ;;
   1 | 2) record end failed "$rc"; exit "$rc" ;;
 esac
 if [[ $rc != 18 && $signalled == 0 ]] || [[ -f $RUN_DIR/HALTED.json ]]; then
@@ -126,7 +134,11 @@ if [[ $kind == timeout ]]; then
 fi
 # Recorded first: the requeue ends this shell.
 record end requeued "$rc" "$kind"
-echo "looptrain: checkpointed; requeueing job $JOB_ID ($kind)"
+if [[ $rc == 18 ]]; then
+  echo "looptrain: checkpointed; requeueing job $JOB_ID ($kind)"
+else  # the ranks did not confirm a checkpoint (killed before it was written)
+  echo "looptrain: requeueing job $JOB_ID ($kind) without a new checkpoint (ranks exited $rc); it resumes from the last committed one"
+fi
 if ! scontrol requeue "$SLURM_JOB_ID"; then
   record end stopped "$rc" "$kind" "scontrol requeue failed"
   exit "$rc"
