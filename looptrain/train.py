@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -188,6 +189,7 @@ class Trainer:
         self.state = TrainerState(recipe_hash=recipe_hash(recipe))
         self.checkpointer = Checkpointer(recipe, self.backend, env)
         self.checkpointer.resume(self, force=force_resume)
+        self._restore_log_window()
         self.tracker = Tracker(
             recipe.tracking, self.run_dir, recipe_to_dict(recipe), is_main=env.is_main,
             resume_id=self.state.wandb_run_id, total_steps=t.steps,
@@ -196,6 +198,43 @@ class Trainer:
         self._preempt_signal: Optional[int] = None
 
     # ------------------------------------------------------------------ helpers
+    def _save(self, reason: str) -> Optional[str]:
+        self.state.log_window = self._log_window()
+        return self.checkpointer.save(self, reason=reason)
+
+    def _log_window(self) -> dict:
+        """The partly filled log window (metric and norm sums since the last log), summed over
+        ranks: saved with every checkpoint, so that a run resumed in the middle of a window logs
+        that window exactly as an uninterrupted run would, not as the mean of fewer steps."""
+        w, norms = self.window, self.norms
+        sums = torch.cat([w.sums, w.exit_sum, w.exit_count, norms._sums])
+        maxima = norms._max.clone()
+        if self.env.distributed:
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
+        return {"sums": sums.tolist(), "max": maxima.tolist(), "steps": w.steps, "micro": w.micro,
+                "model_flops": w.model_flops}
+
+    def _restore_log_window(self) -> None:
+        resumed = getattr(self.checkpointer, "resumed_from", None)
+        if resumed is None:
+            return
+        from looptrain.checkpoint.payload import load_trainer_state
+
+        saved = load_trainer_state(Path(resumed)).log_window
+        if not saved:
+            return
+        w, norms = self.window, self.norms
+        w.steps, w.micro, w.model_flops = int(saved["steps"]), int(saved["micro"]), float(saved["model_flops"])
+        if self.env.is_main:  # the others add zeros: the window's all-reduce then gives the saved total
+            sums = torch.tensor(saved["sums"], dtype=torch.float64, device=self.env.device)
+            d = self.max_depth
+            w.sums.copy_(sums[:5])
+            w.exit_sum.copy_(sums[5 : 5 + d])
+            w.exit_count.copy_(sums[5 + d : 5 + 2 * d])
+            norms._sums.copy_(sums[5 + 2 * d :])
+            norms._max.copy_(torch.tensor(saved["max"], dtype=torch.float64, device=self.env.device))
+
     def _install_signal_handlers(self) -> None:
         """SIGUSR2/SIGTERM (time limit, preemption, scancel) and a first Ctrl-C stop the run at the
         next step boundary with a checkpoint on every rank; a second Ctrl-C aborts at once."""
@@ -303,7 +342,7 @@ class Trainer:
         checkpoint = None
         if finite:
             self.state.last_metrics = metrics
-            checkpoint = self.checkpointer.save(self, reason="halt")
+            checkpoint = self._save(reason="halt")
         if self.env.is_main:
             write_halt_record(self.run_dir, event, self.state.step, {"checkpoint": checkpoint})
         return exit_codes.HALTED
@@ -353,15 +392,15 @@ class Trainer:
                 self.tracker.log(self.state.step, val)
                 window_start += time.perf_counter() - val_start  # keep evaluation out of tokens/s
             if self.checkpointer.due(self.state.step):
-                self.checkpointer.save(self, reason="interval")
+                self._save(reason="interval")
             if self._preempted():
                 code = self._stop_code()
-                checkpoint = self.checkpointer.save(self, reason="preempt")
+                checkpoint = self._save(reason="preempt")
                 self.checkpointer.wait()
                 self._say_where_it_stopped(code, checkpoint)
                 return TrainResult(code, self.state.step, self.run_dir, metrics)
         if self.recipe.checkpoint.save_final:
-            self.checkpointer.save(self, reason="final")
+            self._save(reason="final")
         self.checkpointer.wait()
         return TrainResult(exit_codes.OK, self.state.step, self.run_dir, metrics)
 

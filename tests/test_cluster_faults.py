@@ -273,3 +273,44 @@ def test_second_ctrl_c_aborts_the_launcher_at_once(tmp_path):
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=30) == 130, log.read_text()
     assert "aborting" in log.read_text()
+
+
+# ==================================================================== resume
+
+
+def logged(run_dir: Path) -> dict[int, dict]:
+    """Each logged step's metrics without timing (perf/*), the last record of a step winning."""
+    from looptrain.tracking import read_metrics
+
+    return {int(r["step"]): {k: v for k, v in r.items() if not k.startswith("perf/")}
+            for r in read_metrics(str(run_dir))}
+
+
+@pytest.mark.slow
+def test_run_resumed_mid_window_logs_every_window_like_an_uninterrupted_run(bible_data, tmp_path):
+    """log_every=4, checkpoints every 7 steps, killed with SIGKILL after one: the first window after the
+    resume (which began before the checkpoint) averages the same steps as without the kill."""
+    extra = ("train.log_every=4", "checkpoint.every=7", "tracking.mode=disabled")
+    reference = subprocess.run(tiny_run(bible_data, tmp_path / "ref", "run", steps=24, extra=extra),
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)},
+                               capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    log = tmp_path / "killed.log"
+    command = tiny_run(bible_data, tmp_path / "killed", "run", steps=24, extra=extra)
+    proc = start(command, log)
+    checkpoints = tmp_path / "killed" / "run" / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not list(checkpoints.glob("step_*/manifest.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed_from = max(int(p.parent.name.split("_")[1]) for p in checkpoints.glob("step_*/manifest.json"))
+    if resumed_from in (21, 24):
+        pytest.skip(f"the run reached step {resumed_from} before the kill: no window to resume in")
+    proc = start(command, tmp_path / "resumed.log")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    expected, got = logged(tmp_path / "ref" / "run"), logged(tmp_path / "killed" / "run")
+    assert sorted(got) == sorted(expected) == [4, 8, 12, 16, 20, 24]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-9, abs=1e-12), (step, resumed_from)

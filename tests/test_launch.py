@@ -652,7 +652,9 @@ def test_dry_run_and_bad_profiles_submit_nothing(slurm_cluster, tiny_data, tmp_p
 
 @pytest.mark.slow
 def test_cancel_stops_a_running_job_and_it_does_not_requeue(slurm_cluster, tiny_data, tmp_path, capsys):
-    record = launch(capsys, *tiny(tiny_data, tmp_path, steps=5000), "--nodes", "1", "name=cancelled")
+    # With W&B on: scancel's SIGTERM reaches W&B's service too, and the run must checkpoint regardless.
+    record = launch(capsys, *tiny(tiny_data, tmp_path, steps=5000), "--nodes", "1", "name=cancelled",
+                    "tracking.mode=offline")
     run_dir, job = Path(record["run_dir"]), record["job_id"]
     wait_for_steps(run_dir, 2, timeout_s=90)
     assert main(["cancel", str(run_dir)]) == exit_codes.OK
@@ -666,8 +668,35 @@ def test_cancel_stops_a_running_job_and_it_does_not_requeue(slurm_cluster, tiny_
         time.sleep(0.5)
     ends = [a for a in records.read_attempts(run_dir, job) if a.event == "end"]
     assert [a.outcome for a in ends] == ["cancelled"] and ends[0].exit_code == exit_codes.PREEMPTED
+    assert [m["reason"] for m in (json.loads(p.read_text()) for p in (run_dir / "checkpoints").glob(
+        "step_*/manifest.json"))] == ["preempt"]
     time.sleep(3)  # a requeued job would be back in the queue by now
     assert slurm_cluster.run("squeue", "-h", "-j", job).stdout.strip() == ""
+
+
+@pytest.mark.slow
+def test_emitted_sbatch_script_trains_two_tasks_on_one_host_and_halts_visibly(slurm_cluster, tiny_data,
+                                                                              reference_run, tmp_path, capsys):
+    """`--emit-sbatch` then `sbatch`: two nodes that are one machine (two streaming local leaders
+    on one /dev/shm) train like the local two-process run; a halt then reads as a halt in the job
+    comment, not as a bare FAILED."""
+    script = tmp_path / "job.sh"
+    overrides = [*tiny(tiny_data, tmp_path, steps=REFERENCE_STEPS), "parallel.backend=fsdp2", "name=plain-sbatch",
+                 "monitor.final_rms.warn=null", "monitor.final_rms.halt=1e-6", "monitor.final_rms.patience=10"]
+    assert main(["launch", QUICKSTART, "--cluster", LOCAL_PROFILE, "--emit-sbatch", str(script), *overrides]) == 0
+    capsys.readouterr()
+    job = slurm_cluster.run("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
+    run_dir = tmp_path / "plain-sbatch"
+    deadline = time.monotonic() + 120
+    while not records.attempts_path(run_dir).exists():  # the batch script's first line of records
+        assert time.monotonic() < deadline, slurm_cluster.run("scontrol", "show", "job", job).stdout
+        time.sleep(0.5)
+    (row,) = wait_until_done(run_dir, timeout_s=240)
+    assert (row.state, row.step) == ("halted", 10), format_status([row])
+    assert losses(run_dir) == pytest.approx({k: v for k, v in losses(reference_run).items() if k <= 10},
+                                            rel=1e-6, abs=1e-7)
+    comment = slurm_cluster.run("scontrol", "show", "job", job).stdout
+    assert "Comment=looptrain: halted (exit 17): monitor rule final_rms at step 10" in comment, comment
 
 
 @pytest.mark.parametrize("loader, kind", [(load_profile, "cluster profile"), (load_sweep, "sweep file")])
