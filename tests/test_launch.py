@@ -99,7 +99,11 @@ def test_profile_becomes_submitit_parameters():
     assert params["time"] == 120 and params["signal_delay_s"] == 300 and params["account"] == "proj"
     assert params["srun_args"] == ["--kill-on-bad-exit=1"]
     assert params["additional_parameters"] == {"requeue": True, "exclusive": True, "mail-type": "END"}
-    assert params["setup"] == ["module load cuda"]
+    assert params["setup"][0] == "module load cuda"
+    # The rendezvous port is picked free on the first node, not derived from the job id.
+    port = subprocess.run(["bash", "-c", params["setup"][1] + '; echo "$LOOPTRAIN_MASTER_PORT"'],
+                          capture_output=True, text=True, check=True).stdout
+    assert 0 < int(port) < 65536
     assert "qos" not in params and "constraint" not in params  # null: left to the cluster
     cpu = submitit_parameters(profile_from_dict({"partition": "cpu"}), job_name="j")
     assert "gpus_per_node" not in cpu and cpu["ntasks_per_node"] == 1

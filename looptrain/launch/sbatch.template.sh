@@ -6,7 +6,7 @@
 # How it works
 # - srun starts one `looptrain train` process per task (one rank per GPU, or per CPU
 #   worker slot). Each reads SLURM_PROCID/SLURM_NTASKS/SLURM_JOB_NODELIST itself:
-#   MASTER_ADDR is the job's first node, MASTER_PORT is derived from the job id.
+#   MASTER_ADDR is the job's first node, MASTER_PORT a port this script found free there.
 # - At the warning before the time limit (--signal=B:USR2@N), or on preemption, Slurm
 #   signals this batch shell; the trap passes USR2 on to every rank through srun. The
 #   ranks agree on a step, write one sharded checkpoint, and exit with status 18.
@@ -87,6 +87,10 @@ srun_pid=
 trap 'signalled=1; [[ -n $srun_pid ]] && kill -USR2 "$srun_pid" 2>/dev/null' USR2
 trap 'cancelled=1' TERM
 
+# The rendezvous port: free on this host (the job's first node, MASTER_ADDR) right now.
+LOOPTRAIN_MASTER_PORT=$(@@PYTHON@@ -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+export LOOPTRAIN_MASTER_PORT
+
 record start
 srun --kill-on-bad-exit=1 --output="$LOG_DIR/%j_%t_log.out" --error="$LOG_DIR/%j_%t_log.err" \
   bash -c 'export TMPDIR=$BASE_TMPDIR/looptrain-$SLURM_JOB_ID-r${SLURM_RESTART_COUNT:-0}
@@ -103,10 +107,16 @@ wait "$srun_pid" 2>/dev/null
 last=$?
 [[ $last != 127 ]] && rc=$last
 
+# A halt is decided by all ranks together, but with --kill-on-bad-exit the first rank to exit 17
+# gets the others terminated, and srun may report their kill status: the halt record (written in
+# this attempt, so newer than its start record) is what tells.
+if [[ $rc != 0 && $RUN_DIR/HALTED.json -nt $ATTEMPTS ]]; then
+  rc=17
+fi
 case $rc in
   0) record end finished 0; exit 0 ;;
   17)
-    rule=$(@@PYTHON@@ -c 'import json, sys; h = json.load(open(sys.argv[1])); print(f"monitor rule {h[\"rule\"]} at step {h[\"step\"]}")' \
+    rule=$(@@PYTHON@@ -c 'import json, sys; h = json.load(open(sys.argv[1])); print("monitor rule %s at step %s: %s" % (h["rule"], h["step"], h["message"]))' \
       "$RUN_DIR/HALTED.json" 2>/dev/null)
     record end halted 17 "" "$rule"; exit 17 ;;
   19) record end cancelled 19 "" "stopped by SIGINT"; exit 0 ;;
