@@ -267,7 +267,7 @@ class Trainer:
         if not self.env.is_main:
             return
         if code == exit_codes.CANCELLED:
-            why = "Ctrl-C"
+            why = f"stop asked for: {self.tracker.stop_reason}" if self.tracker.stop_reason else "Ctrl-C"
         elif self._preempt_signal is not None:
             why = signal.Signals(self._preempt_signal).name
         else:
@@ -385,6 +385,8 @@ class Trainer:
                 halt = self._handle_events(self.state.step, metrics)
                 if halt is not None:
                     return TrainResult(self._halt(halt, metrics), self.state.step, self.run_dir, metrics)
+                if self.env.is_main and self._preempt_signal is None and self.tracker.stop_requested():
+                    self._preempt_signal = signal.SIGINT  # a stop asked for from outside: as Ctrl-C
             if t.val_every > 0 and (self.state.step % t.val_every == 0 or self.state.step == t.steps):
                 val_start = time.perf_counter()
                 val = self.validate()

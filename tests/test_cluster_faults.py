@@ -314,3 +314,24 @@ def test_run_resumed_mid_window_logs_every_window_like_an_uninterrupted_run(bibl
     assert sorted(got) == sorted(expected) == [4, 8, 12, 16, 20, 24]
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-9, abs=1e-12), (step, resumed_from)
+
+
+@pytest.mark.slow
+def test_a_stop_asked_for_from_outside_checkpoints_and_ends_cancelled(bible_data, tmp_path):
+    """`touch RUN_DIR/STOP` (the same path as the W&B tag `stop` of an online run): checkpoint at the
+    next log interval, exit CANCELLED, W&B outcome `cancelled (STOP file)`; the request is consumed."""
+    from looptrain import exit_codes
+    from looptrain.tracking.wandb_records import offline_run_files, read_records
+
+    log = tmp_path / "train.log"
+    proc = start(tiny_run(bible_data, tmp_path, "stopped", extra=("tracking.mode=offline",)), log)
+    wait_for_step(proc, log, 3)
+    (tmp_path / "stopped" / "STOP").touch()
+    assert proc.wait(timeout=240) == exit_codes.CANCELLED, log.read_text()[-4000:]
+    (manifest,) = manifests(tmp_path / "stopped")
+    assert f"stopped at step {manifest['step']}/5000 (stop asked for: STOP file)" in log.read_text()
+    assert not (tmp_path / "stopped" / "STOP").exists() and (tmp_path / "stopped" / "STOP.honoured").exists()
+    (run_file,) = offline_run_files(str(tmp_path / "stopped"))
+    summary = {item.key: item.value_json for r in read_records(run_file) if r.WhichOneof("record_type") == "summary"
+               for item in r.summary.update}
+    assert summary.get("outcome") == '"cancelled (STOP file)"', summary

@@ -133,15 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"started {len(procs)} runs ({args.nproc} rank(s) each); killing {sorted(victims)} mid-save", flush=True)
     killed: dict[str, dict] = {}
     pending = set(victims)
-    while pending and time.monotonic() < deadline:  # kill each victim at its first save after a commit
+    kill_after = {name: rng.randint(1, max(1, args.steps - 3)) for name in victims}
+    while pending and time.monotonic() < deadline:  # kill each victim in its first save after a random step
         for name in sorted(pending):
             run_dir = out / name
             if procs[name].poll() is not None:
                 pending.discard(name)
                 continue
-            if committed_steps(run_dir) and rng.random() < 0.5:
+            if max(committed_steps(run_dir) or [0]) >= kill_after[name]:
                 mid_save, before = kill_mid_save(procs[name], run_dir, time.monotonic() + 120)
-                killed[name] = {"mid_save": mid_save, "committed_before": before,
+                killed[name] = {"mid_save": mid_save, "committed_before": before, "target_step": kill_after[name],
                                 "committed_after": committed_steps(run_dir)}
                 pending.discard(name)
         time.sleep(0.05)
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "runs": args.runs, "ranks_per_run": args.nproc, "steps": args.steps, "killed": len(killed),
         "killed_mid_save": sum(1 for k in killed.values() if k["mid_save"]),
+        "killed_at_steps": sorted(k["committed_before"][-1] for k in killed.values() if k["committed_before"]),
         "failed_starts": failed_starts, "non_exact_resumes": non_exact, "lost_checkpoints": lost,
         "references_agree": all(r == reference for r in references),
         "wall_s": round(time.monotonic() - started, 1),

@@ -20,6 +20,11 @@ from looptrain.monitor.rules import MonitorEvent
 from looptrain.tracking.console import format_lines
 from looptrain.tracking.metrics_file import EVENTS_FILE, METRICS_FILE, read_metrics
 
+STOP_FILE = "STOP"  # `touch RUN_DIR/STOP`: checkpoint and stop at the next log interval
+STOP_TAG = "stop"  # the same, from the W&B UI (online runs)
+STOP_POLL_S = 30.0
+CHARTS_EVERY_S = 300.0  # how often the per-loop W&B charts are redrawn during a run
+
 
 class Tracker:
     """Logs metrics and monitor events of one run (rank 0 only)."""
@@ -44,6 +49,9 @@ class Tracker:
         self._events_file: Optional[IO[str]] = None
         self._last_step: Optional[int] = None
         self._finished = False
+        self.stop_reason: Optional[str] = None  # "STOP file" or "W&B" once a stop was asked for from outside
+        self._next_stop_poll = 0.0
+        self._next_charts = 0.0
         if not is_main:
             return
         from looptrain.tracking.wandb_backend import resolve_mode
@@ -74,6 +82,38 @@ class Tracker:
         for line in format_lines(step, self.total_steps, metrics):
             print(line, flush=True)
         self._to_wandb("log", lambda run: run.log(step, metrics))
+        if self._wandb is not None and time.monotonic() >= self._next_charts:
+            # The per-loop charts (one chart, one line per loop) from the first log on, then
+            # every CHARTS_EVERY_S, so the live dashboard has them (after a requeue too: the
+            # history comes from metrics.jsonl), not only once the attempt ends.
+            self._next_charts = time.monotonic() + CHARTS_EVERY_S
+            self._metrics_file.flush()
+            records = read_metrics(self.run_dir)
+            self._to_wandb("per-loop charts", lambda run: run.log_per_loop_charts(step, records))
+
+    def stop_requested(self) -> Optional[str]:
+        """Why the user asked this run to stop from outside, or None (rank 0; called at log intervals).
+
+        Two ways, both ending in a checkpoint on every rank and status 19 (cancelled): a file
+        named STOP in the run directory (any mode), or the tag `stop` added to the W&B run in the
+        web UI (online mode; the run's tags are read at most every STOP_POLL_S). Either is taken
+        away once honoured, so that the resumed run does not stop again at once.
+        """
+        if not self.is_main or self._finished:
+            return None
+        stop_file = os.path.join(self.run_dir, STOP_FILE)
+        if os.path.exists(stop_file):
+            os.replace(stop_file, stop_file + ".honoured")
+            self.stop_reason = "STOP file"
+            return self.stop_reason
+        if self._wandb is not None and self.mode == "online" and time.monotonic() >= self._next_stop_poll:
+            self._next_stop_poll = time.monotonic() + STOP_POLL_S
+            found: list[bool] = []
+            self._to_wandb("tag check", lambda run: found.append(run.take_stop_tag()))
+            if found and found[0]:
+                self.stop_reason = "W&B"
+                return self.stop_reason
+        return None
 
     def event(self, ev: MonitorEvent) -> None:
         """Record a monitor event: events.jsonl (always), the console, and a
@@ -98,7 +138,8 @@ class Tracker:
                 self._metrics_file.flush()
                 records = read_metrics(self.run_dir)
                 self._to_wandb("per-loop charts", lambda run: run.log_per_loop_charts(self._last_step, records))
-            self._to_wandb("finish", lambda run: run.finish(exit_code))
+            outcome = f"cancelled ({self.stop_reason})" if self.stop_reason else None
+            self._to_wandb("finish", lambda run: run.finish(exit_code, outcome))
         finally:
             for f in (self._metrics_file, self._events_file):
                 if f is not None:

@@ -175,11 +175,23 @@ class WandbRun:
         self.run.tags = tuple(t for t in (self.run.tags or ()) if t != "halted") + ("halted",)
         self.run.summary.update({"halt/rule": rule, "halt/message": message, "halt/step": step})
 
-    def finish(self, exit_code: int) -> None:
+    def take_stop_tag(self) -> bool:
+        """Whether someone tagged this run `stop` in the W&B UI (read from the server); the tag is removed."""
+        from looptrain.tracking.tracker import STOP_TAG
+
+        api = self._wandb.Api(timeout=10)
+        remote = api.run(f"{self.run.entity}/{self.run.project}/{self.run.id}")
+        if STOP_TAG not in remote.tags:
+            return False
+        remote.tags = [t for t in remote.tags if t != STOP_TAG]
+        remote.update()
+        return True
+
+    def finish(self, exit_code: int, outcome: Optional[str] = None) -> None:
         from looptrain.exit_codes import CANCELLED, OUTCOMES, PREEMPTED
 
         self.run.summary["exit_code"] = exit_code
-        self.run.summary["outcome"] = OUTCOMES.get(exit_code, "failed")
+        self.run.summary["outcome"] = outcome or OUTCOMES.get(exit_code, "failed")
         # A run stopped on purpose (cancelled, or checkpointed for a requeue) has not failed.
         self.run.finish(exit_code=0 if exit_code in (CANCELLED, PREEMPTED) else exit_code)
         # finish() can return before W&B's writer process has flushed the run
