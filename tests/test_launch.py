@@ -225,9 +225,9 @@ def _fake_slurm(bin_dir: Path, srun_body: str) -> None:
     scripts = {
         "srun": "#!/bin/bash\n" + srun_body,
         "scontrol": '#!/bin/bash\necho "$*" >> "$FAKE_LOG"\n',
-        # Started 100 s ago, with a limit of FAKE_LEFT + 100 s ([D-]HH:MM:SS as squeue prints it).
+        # Running, started 100 s ago, with a limit of FAKE_LEFT + 100 s ([D-]HH:MM:SS as squeue prints it).
         "squeue": '#!/bin/bash\nt=$((FAKE_LEFT + 100))\n'
-                  'printf "%s|0-%02d:%02d:%02d\\n" "$(date -d @$(( $(date +%s) - 100 )) +%Y-%m-%dT%H:%M:%S)" '
+                  'printf "RUNNING|%s|0-%02d:%02d:%02d\\n" "$(date -d @$(( $(date +%s) - 100 )) +%Y-%m-%dT%H:%M:%S)" '
                   '$((t / 3600)) $((t % 3600 / 60)) $((t % 60))\n',
     }
     for name, body in scripts.items():

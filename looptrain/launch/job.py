@@ -383,3 +383,82 @@ class SlurmTrainJob(submitit.helpers.Checkpointable):
             return None
         self._record_end(task, exit_codes.PREEMPTED, records.REQUEUED, kind=decision.kind)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+# ------------------------------------------------------------ plain sbatch
+
+
+def conclude_sbatch_attempt(run_dir: str, *, rc: int, signalled: bool, terminated: bool, max_requeues: int,
+                            signal_delay_s: int) -> int:
+    """The end of one attempt of the `--emit-sbatch` script, decided by the rules `SlurmTrainJob` uses:
+    record it, set the job comment, requeue when due; return the batch script's exit status.
+
+    rc is srun's status; signalled: the batch shell got the warning (USR2), so a kill status after
+    it still means checkpoint-and-stop; terminated: it got SIGTERM (scancel).
+    """
+    from looptrain.monitor.halt import HALT_FILE
+
+    task = TaskInfo.from_env()
+
+    def record(outcome: str, code: int, kind: Optional[str] = None, reason: Optional[str] = None) -> None:
+        records.append_attempt(run_dir, event="end", job_id=task.job_id, restart=task.restart, outcome=outcome,
+                               exit_code=code, requeue_kind=kind, reason=reason, launcher="sbatch")
+        set_job_comment(task.raw_job_id, job_comment(outcome, code, run_dir, reason))
+
+    # With --kill-on-bad-exit the first rank to exit 17 gets its peers terminated, and srun may
+    # report their kill status: a halt record written during this attempt is what tells.
+    starts = [a.time for a in records.read_attempts(run_dir, task.job_id) if a.event == "start"]
+    halt_file = os.path.join(run_dir, HALT_FILE)
+    if rc != 0 and starts and os.path.exists(halt_file) and os.path.getmtime(halt_file) > starts[-1]:
+        rc = exit_codes.HALTED
+    if rc in _OUTCOMES:
+        record(_OUTCOMES[rc], rc)
+        return 0 if rc in (exit_codes.OK, exit_codes.CANCELLED) else rc
+    if rc != exit_codes.PREEMPTED and not signalled:
+        record(records.FAILED, rc)
+        return rc
+    state, left = query_job(task.raw_job_id)
+    decision = decide_requeue(run_dir, task, max_requeues=max_requeues, signal_delay_s=signal_delay_s,
+                              job_state=state, seconds_left=left)
+    if terminated and decision.requeue:
+        decision = RequeueDecision(False, decision.kind, "the job was cancelled", cancelled=True)
+    if not decision.requeue:
+        record(decision.outcome, rc, decision.kind, decision.reason)
+        return rc
+    record(records.REQUEUED, rc, decision.kind)  # first: the requeue ends this batch shell
+    what = "checkpointed" if rc == exit_codes.PREEMPTED else f"no new checkpoint (ranks exited {rc})"
+    print(f"looptrain: {what}; requeueing job {task.job_id} ({decision.kind})", flush=True)
+    try:
+        requeue_job(task.raw_job_id)
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = (getattr(err, "stderr", "") or str(err)).strip()
+        record(records.STOPPED, rc, decision.kind, f"scontrol requeue failed: {detail}")
+        return rc
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m looptrain.launch.job start|end ...`: the attempt records of the plain sbatch script."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m looptrain.launch.job")
+    parser.add_argument("event", choices=("start", "end"))
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--rc", type=int, default=0)
+    parser.add_argument("--signalled", type=int, default=0)
+    parser.add_argument("--terminated", type=int, default=0)
+    parser.add_argument("--max-requeues", type=int, default=0)
+    parser.add_argument("--signal-delay-s", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.event == "start":
+        task = TaskInfo.from_env()
+        records.append_attempt(args.run_dir, event="start", job_id=task.job_id, restart=task.restart,
+                               launcher="sbatch")
+        return 0
+    return conclude_sbatch_attempt(args.run_dir, rc=args.rc, signalled=bool(args.signalled),
+                                   terminated=bool(args.terminated), max_requeues=args.max_requeues,
+                                   signal_delay_s=args.signal_delay_s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
