@@ -21,7 +21,7 @@ def _recipe_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from looptrain.config import load_recipe
+    from looptrain.config import load_recipe  # lazy, as every import below, for start-up time
 
     return load_recipe(args.recipe, args.overrides)
 
@@ -30,10 +30,13 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
+    from looptrain.launch.local import check_nproc, launch_local
+
+    if args.nproc is not None:
+        check_nproc(args.nproc)
     recipe = _load(args)  # fail fast on a bad recipe, before starting workers
     if args.nproc and args.nproc > 1:
         from looptrain.config.schema import check_world_size
-        from looptrain.launch.local import launch_local
 
         check_world_size(recipe, args.nproc, f"--nproc {args.nproc}")
 
@@ -41,7 +44,7 @@ def cmd_train(args) -> int:
         if args.force_resume:
             argv.append("--force-resume")
         return launch_local(argv, args.nproc)
-    from looptrain.train import main_worker
+    from looptrain.train import main_worker  # lazy for start-up time: imports torch
 
     return main_worker(recipe, force_resume=args.force_resume)
 
@@ -50,7 +53,7 @@ def cmd_train(args) -> int:
 
 
 def format_info(recipe) -> str:
-    import torch
+    import torch  # lazy for start-up time
 
     from looptrain.config import recipe_to_yaml
     from looptrain.model import build_model
@@ -91,7 +94,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from looptrain.quickstart import run_quickstart
+    from looptrain.quickstart import run_quickstart  # lazy for start-up time
 
     return run_quickstart(out_dir=args.out, data_dir=args.data, steps=args.steps, overrides=args.overrides)
 
@@ -99,7 +102,10 @@ def cmd_quickstart(args) -> int:
 # --------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the command line `argv`, only the modules of the
+    commands named in it are imported (lazy for start-up time: `looptrain --help`
+    and argument errors answer without importing torch)."""
     parser = argparse.ArgumentParser(
         prog="looptrain",
         description="Train looped language models with per-loop supervision and hidden-state scale control.",
@@ -108,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     # the rank is read from LOCAL_RANK, so the flag is accepted and ignored.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.looptrain_argv = argv  # read by _add_optional
 
     p = sub.add_parser("train", help="train a recipe (under torchrun/srun/deepspeed, or --nproc N locally)")
     _recipe_args(p)
-    p.add_argument("--nproc", type=int, default=0, help="start N local worker processes")
+    p.add_argument("--nproc", type=int, default=None, help="start N local worker processes")
     p.add_argument("--force-resume", action="store_true",
                    help="resume a run that the norm monitor halted (HALTED.json)")
     allow_overrides_after_options(p)
@@ -153,18 +160,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional(sub, name: str, module: str, add: str, run: str, help_text: str) -> None:
     """Register a command whose arguments live next to its implementation
-    (those modules keep their heavy imports inside the run function)."""
+    (those modules keep their heavy imports inside the run function). With a
+    command line at hand, a command it does not name is listed by its help
+    text alone and its module is not imported."""
     import importlib
 
-    mod = importlib.import_module(module)
     p = sub.add_parser(name, help=help_text)
+    argv = getattr(sub, "looptrain_argv", None)
+    if argv is not None and name not in argv:
+        return
+    mod = importlib.import_module(module)
     getattr(mod, add)(p)
     p.set_defaults(func=getattr(mod, run))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from looptrain.checkpoint.errors import CheckpointError
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    from looptrain.checkpoint.errors import CheckpointError  # lazy for start-up time (light, but not needed for --help)
     from looptrain.config import RecipeError
     from looptrain.data.errors import DataError
 

@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 from looptrain import exit_codes
 
 RECIPES = ("quickstart.yaml", "quickstart_controlled.yaml")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{secs:02d}"
 
 
 def recipe_dir() -> str:
@@ -64,6 +70,13 @@ def run_quickstart(out_dir: str = "runs/quickstart", data_dir: str = "data/quick
     from looptrain.train import main_worker
 
     overrides = list(overrides or [])
+    started = time.perf_counter()
+    phases = 1 + len(RECIPES)  # prepare (or reuse) the data, then one training run per recipe
+
+    def phase(number: int, text: str) -> None:
+        print(f"\nlooptrain quickstart [{number}/{phases}, {_clock(time.perf_counter() - started)} elapsed]: {text}",
+              flush=True)
+
     base = os.path.join(recipe_dir(), RECIPES[0])
     probe = load_recipe(base, overrides)
     if not os.path.isfile(os.path.join(data_dir, "dataset.json")):
@@ -76,23 +89,25 @@ def run_quickstart(out_dir: str = "runs/quickstart", data_dir: str = "data/quick
                 f"{data_dir}: exists but holds no prepared dataset (no dataset.json); "
                 "remove it, or pass --data with a new directory"
             )
-        print(f"looptrain quickstart: preparing the King James Bible into {data_dir}", flush=True)
+        phase(1, f"preparing the King James Bible into {data_dir}")
         prepare_dataset("bible", data_dir, vocab_size=probe.model.vocab_size, seq_len=probe.model.max_seq_len,
                         overwrite=empty)
+    else:
+        phase(1, f"using the prepared dataset in {data_dir}")
     common = [f"data.dir={data_dir}", f"out_dir={out_dir}", *overrides]
     if steps is not None:
         common.append(f"train.steps={steps}")
     results = []
-    for name in RECIPES:
+    for number, name in enumerate(RECIPES, start=2):
         recipe = load_recipe(os.path.join(recipe_dir(), name), common)
-        print(f"\nlooptrain quickstart: training {recipe.name} "
-              f"(readout={recipe.model.readout}, {recipe.train.steps} steps)", flush=True)
+        phase(number, f"training {recipe.name} (readout={recipe.model.readout}, {recipe.train.steps} steps)")
         code = main_worker(recipe)
         if code != exit_codes.OK:
             print(f"looptrain quickstart: {recipe.name} ended with status {code}; see {recipe.run_dir}")
             return code
         results.append((recipe.name, last_metrics(recipe.run_dir)))
     loops = probe.model.loops
+    print(f"\nlooptrain quickstart: done in {_clock(time.perf_counter() - started)}")
     print("\nFinal per-loop hidden-state RMS (raw state, per coordinate) and validation perplexity per exit:\n")
     print(summary_table(results, loops))
     (_, blind), (_, controlled) = results

@@ -30,12 +30,17 @@ import torch
 from looptrain import exit_codes
 from looptrain.config import Recipe, RecipeError, recipe_hash, recipe_to_dict, save_resolved
 from looptrain.config.schema import check_world_size
+from looptrain.determinism import configure_determinism
 from looptrain.objectives import DepthSampler, head_exits
 from looptrain.optim import lr_at
 from looptrain.parallel import Backend, build_backend, init_distributed, shutdown_distributed
 from looptrain.parallel.env import DistEnv
-from looptrain.perf import peak_flops, peak_memory_gb
+from looptrain.perf import RunClock, peak_flops, peak_memory_gb
+from looptrain.profiling import StepProfiler
+from looptrain.run_lock import hold_run_dir
+from looptrain.run_lock import release as release_run_dir
 from looptrain.state import TrainerState, seed_everything
+from looptrain.threads import apply_threads
 from looptrain.train_module import LoopedLMTrainModule, split_batch
 
 
@@ -121,9 +126,10 @@ class _WindowStats:
             "perf/tokens_per_s": tokens_per_s,
             "perf/tokens_per_s_per_device": tokens_per_s / world,
             "perf/step_time_s": elapsed / steps,
-            "perf/mfu": self.model_flops / elapsed / world / self.peak_flops,
             "perf/peak_mem_gb": peak_memory_gb,
         })
+        if self.peak_flops == self.peak_flops:  # NaN: no trustworthy peak, no MFU (looptrain.perf)
+            out["perf/mfu"] = self.model_flops / elapsed / world / self.peak_flops
         self.reset()
         return out
 
@@ -161,8 +167,7 @@ class Trainer:
                                   exits=head_exits(o))
             for d in range(self.max_depth + 1)
         ]
-        if env.is_main:
-            save_resolved(recipe, self.run_dir)
+        hold_run_dir(self.run_dir, env)  # one training per run directory, before anything is written there
         self.backend.setup(LoopedLMTrainModule(model, recipe.objective))
         seed_everything(t.seed + 1000 * env.rank)  # distinct dropout streams per rank
 
@@ -181,7 +186,7 @@ class Trainer:
         self.norms = LoopNormAccumulator(self.max_depth, m.d_model, env.device)
         self.monitor = NormMonitor(recipe.monitor, self.max_depth)
         self.peak = peak_flops(env.device, t.precision, t.peak_tflops * 1e12 if t.peak_tflops else None)
-        if self.peak != self.peak and env.is_main:  # NaN: a GPU missing from perf.GPU_PEAKS
+        if self.peak != self.peak and env.is_main and env.device.type == "cuda":  # a GPU missing from GPU_PEAKS
             name = torch.cuda.get_device_name(env.device)
             print(f"looptrain: no known peak FLOP/s for {name}: MFU is not reported; set train.peak_tflops to the "
                   "device's dense peak", file=sys.stderr, flush=True)
@@ -190,11 +195,14 @@ class Trainer:
         self.checkpointer = Checkpointer(recipe, self.backend, env)
         self.checkpointer.resume(self, force=force_resume)
         self._restore_log_window()
+        if env.is_main:  # after the resume checks: a refused resume leaves the run's recipe.yaml as it was
+            save_resolved(recipe, self.run_dir)
         self.tracker = Tracker(
             recipe.tracking, self.run_dir, recipe_to_dict(recipe), is_main=env.is_main,
             resume_id=self.state.wandb_run_id, total_steps=t.steps,
         )
         self.state.wandb_run_id = self.tracker.run_id
+        self.profiler = StepProfiler.from_recipe(recipe, env.rank, env.device)
         self._preempt_signal: Optional[int] = None
 
     # ------------------------------------------------------------------ helpers
@@ -324,6 +332,7 @@ class Trainer:
         metrics.update({
             "train/lr": lr_at(step - 1, self.recipe.train.steps, self.recipe.optim.lr, self.recipe.optim.schedule),
             "train/tokens": float(self.state.tokens),
+            **self.clock.read(step),
         })
         return metrics
 
@@ -352,10 +361,12 @@ class Trainer:
         self._install_signal_handlers()
         module = self.backend.module
         module.train()
+        self.clock = RunClock(self.state.step, t.steps)
         window_start = time.perf_counter()
         metrics: dict[str, float] = {}
         while self.state.step < t.steps:
             step = self.state.step
+            self.profiler.step_begin(step)
             depth = self.sampler.sample()
             measure = (step + 1) % t.log_every == 0 or step + 1 == t.steps
             for micro in range(t.grad_accum):
@@ -371,6 +382,7 @@ class Trainer:
             self.window.add_step(grad_norm, depth, self.flops_by_depth[depth] * self.tokens_per_step)
             self.state.step = step + 1
             self.state.tokens += self.tokens_per_step
+            self.profiler.step_end(self.state.step)
 
             # The one per-step host sync: a non-finite loss or gradient must stop
             # the run before it is logged as healthy or checkpointed.
@@ -409,7 +421,11 @@ class Trainer:
 
 def train(recipe: Recipe, *, force_resume: bool = False) -> TrainResult:
     """Run a recipe in this process (one rank of a job when launched by torchrun/srun)."""
+    configure_determinism(recipe.train.deterministic)  # before CUDA starts (cuBLAS reads its workspace then)
     env = init_distributed(recipe.train.device, recipe.parallel.dist_backend, recipe.parallel.timeout_minutes)
+    threads, why = apply_threads(recipe.train.threads)
+    if env.is_main:
+        print(f"looptrain: {threads} intra-op thread(s) per rank ({why}; set train.threads to change)", flush=True)
     trainer = None
     result = TrainResult(exit_codes.FAILED, 0, recipe.run_dir, {})
     try:
@@ -418,7 +434,9 @@ def train(recipe: Recipe, *, force_resume: bool = False) -> TrainResult:
         return result
     finally:
         if trainer is not None:
+            trainer.profiler.close()
             trainer.tracker.finish(result.exit_code)
+        release_run_dir(recipe.run_dir)
         if result.exit_code in (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED, exit_codes.CANCELLED):
             shutdown_distributed()
 

@@ -55,13 +55,13 @@ def test_wrong_type_and_bad_choice():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model.loops=0"], r"model\.loops: the loop count must be >= 1"),
+        (["model.loops=0"], r"model\.loops: must be an integer in \[1, 10000\] \(the loop count\), got 0"),
         (["model.n_heads=7"], r"model\.n_heads: 7 heads do not divide d_model=512"),
         (["objective.backprop_loops=9"], r"objective\.backprop_loops: .* between 1 and the loop count \(4\)"),
         (["objective.supervision=exit_gated"], r"needs a learned exit gate: set model\.exit_gate=true"),
         (["objective.loop_weights=[1,2]"], r"one weight per exit \(4\)"),
-        (["parallel.zero_stage=4"], r"ZeRO stage must be 0, 1, 2 or 3"),
-        (["train.peak_tflops=0"], r"train\.peak_tflops: must be > 0"),
+        (["parallel.zero_stage=4"], r"parallel\.zero_stage: must be an integer in \[0, 3\] \(the DeepSpeed ZeRO stage\)"),
+        (["train.peak_tflops=0"], r"train\.peak_tflops: must be a finite number > 0"),
     ],
 )
 def test_impossible_combinations(overrides, message):

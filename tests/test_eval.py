@@ -396,8 +396,11 @@ def test_cli_end_to_end_on_an_export(tmp_path, bible_data, capsys):
     code = main(["eval", str(export), "--data", bible_data, "--depths", "1..4", "--batches", "2",
                  "--batch-size", "4", "--out", str(out), "--diagnostics", "--device", "cpu"])
     assert code == exit_codes.OK
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| depth | export |" in printed and "| 3 |" in printed
+    assert printed.count("## Perplexity by inference depth") == 1
+    assert "export: depths 1..4" in captured.err and "2/2" in captured.err  # progress bars on stderr
     for name in ("results.json", "results.csv", "exits.csv", "results.md"):
         assert (out / name).stat().st_size > 0
     for name in ("depth.png", "exits.png", "norms.png", "norm_hist.png"):
@@ -409,7 +412,7 @@ def test_cli_end_to_end_on_an_export(tmp_path, bible_data, capsys):
 
 
 @pytest.mark.slow
-def test_cli_on_a_trained_run_directory(tmp_path, bible_data, capsys):
+def test_cli_on_a_trained_run_directory(tmp_path, bible_data, capsys, monkeypatch):
     """A real run directory (recipe.yaml + sharded checkpoint): data, batch size and batch count come
     from its recipe, and the loss at the trained depth is the trainer's logged validation loss."""
     from looptrain.cli import main
@@ -434,9 +437,11 @@ def test_cli_on_a_trained_run_directory(tmp_path, bible_data, capsys):
     assert ckpt_recipe == recipe
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same.state_dict().values()))
 
+    monkeypatch.chdir(tmp_path)  # the default --out, ./eval_out/NAMES, is relative to the current directory
     assert main(["eval", recipe.run_dir, "--depths", "2..5", "--device", "cpu"]) == exit_codes.OK
     assert "| depth | tiny |" in capsys.readouterr().out
-    (result,) = json.loads((tmp_path / "tiny" / "eval" / "results.json").read_text())
+    assert not (tmp_path / "tiny" / "eval").exists()  # nothing written into the run directory
+    (result,) = json.loads((tmp_path / "eval_out" / "tiny" / "results.json").read_text())
     assert result["depth"]["depths"] == [2, 3, 4, 5] and result["batch_size"] == 4
     assert result["tokens"] == 3 * 4 * SEQ and result["recipe"]["supervision"] == "per_loop"
     with open(tmp_path / "tiny" / "metrics.jsonl") as f:

@@ -10,16 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from looptrain.config.schema import ModelConfig, RecipeError
+from looptrain.config.schema import ModelConfig, RecipeError, literal_choices
 from looptrain.model import LoopedLM, LoopOutput, build_model
 
-READOUTS = ("rmsnorm", "raw", "final_only", "alpha")
-RECURRENCES = ("residual", "rmsnorm", "contractive")
-INJECTIONS = ("none", "add", "concat", "contractive")
+CHOICES = literal_choices(ModelConfig)  # the schema's Literal values: the one list of each model choice
+READOUTS, RECURRENCES, INJECTIONS = CHOICES["readout"], CHOICES["recurrence"], CHOICES["injection"]
 # (block_style, positions, initial_state, norm): cycled over the 48 readout x recurrence
 # x injection cases, each of these 24 variants drawn twice (a case without injection
 # always starts from the embeddings, the only start that lets the tokens in).
-VARIANTS = list(itertools.product(("prenorm", "sandwich"), ("learned", "rope"), ("embeddings", "zeros", "noise"), ("rmsnorm", "layernorm")))
+VARIANTS = list(itertools.product(*(CHOICES[key] for key in ("block_style", "positions", "initial_state", "norm"))))
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -79,6 +78,45 @@ def test_every_architecture_combination_builds_runs_and_backpropagates(index):
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} got no gradient"
         assert torch.isfinite(p.grad).all(), name
+
+
+def test_every_model_choice_has_one_builder_per_schema_value_and_no_other():
+    """Each Literal key of ModelConfig has a table in the model, keyed by exactly its values."""
+    from looptrain.model.block import NORMALISED_BRANCH_OUTPUTS
+    from looptrain.model.init import INIT_SCHEMES
+    from looptrain.model.injection import INJECTIONS
+    from looptrain.model.looped_lm import INITIAL_STATES
+    from looptrain.model.norms import NORMS
+    from looptrain.model.positions import POSITIONS
+    from looptrain.model.readout import READOUTS as READOUT_BUILDERS
+    from looptrain.model.recurrence import CARRY_NORMS, SKIP_DECAYS
+
+    tables = {
+        "norm": [NORMS], "block_style": [NORMALISED_BRANCH_OUTPUTS], "positions": [POSITIONS], "init": [INIT_SCHEMES],
+        "injection": [INJECTIONS], "initial_state": [INITIAL_STATES], "readout": [READOUT_BUILDERS],
+        "recurrence": [SKIP_DECAYS, CARRY_NORMS],
+    }
+    assert set(tables) == set(CHOICES), "a model.* Literal key without a builder table, or a table without a key"
+    for key, key_tables in tables.items():
+        for table in key_tables:
+            assert set(table) == set(CHOICES[key]), f"model.{key}: table {sorted(table)} vs schema {CHOICES[key]}"
+
+
+def test_a_choice_missing_from_its_table_is_named():
+    from looptrain.model.choices import choose
+
+    with pytest.raises(ValueError, match=r"model\.readout: unknown value 'fancy'; use one of rmsnorm, raw"):
+        choose({"rmsnorm": 1, "raw": 2}, tiny(readout="fancy"), "readout")
+
+
+@pytest.mark.parametrize("readout", READOUTS)
+def test_readout_says_whether_the_last_exit_reads_differently(readout):
+    """`depends_on_last_exit` is what evaluation at depth k needs to know; it must match the readout's behaviour."""
+    model = make(readout=readout)
+    h = torch.randn(2, 5, 16) * 5.0
+    with torch.no_grad():
+        differs = not torch.equal(model.readout(h, True), model.readout(h, False))
+    assert model.readout.depends_on_last_exit == differs
 
 
 @pytest.mark.parametrize("initial_state", ["zeros", "noise"])

@@ -178,6 +178,16 @@ def test_depth_sampler_modes_are_reproducible():
     assert [pln.sample() for _ in range(500)] == a  # resumable
 
 
+
+def test_every_objective_choice_has_one_implementation_per_schema_value_and_no_other():
+    from looptrain.config.schema import literal_choices
+    from looptrain.objectives.depth import DEPTH_MODES
+    from looptrain.objectives.supervision import PENALTY_FORMS, SUPERVISIONS
+
+    assert set(SUPERVISIONS) == set(literal_choices(ObjectiveConfig)["supervision"])
+    assert set(PENALTY_FORMS) == set(literal_choices(NormPenaltyConfig)["form"])
+    assert set(DEPTH_MODES) == set(literal_choices(DepthConfig)["mode"])
+
 def test_first_host_of_a_slurm_nodelist_without_scontrol():
     from looptrain.parallel.env import first_host_of_nodelist
 

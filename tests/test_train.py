@@ -96,6 +96,8 @@ def test_quickstart_prepares_trains_both_runs_and_prints_the_table(tmp_path, cap
         assert len(cells) == 8 and all(math.isfinite(c) and c > 0 for c in cells), line
     assert "final-loop RMS, blind spot / controlled:" in out
     assert (tmp_path / "data" / "dataset.json").is_file()
+    phases = [line.split(" elapsed]: ")[1].split(" ")[:2] for line in out.splitlines() if "looptrain quickstart [" in line]
+    assert phases == [["preparing", "the"], ["training", "quickstart-blind-spot"], ["training", "quickstart-final-only"]]
 
 
 @pytest.mark.slow

@@ -78,7 +78,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no checkpoint here (no such directory)")
+        raise FileNotFoundError(f"{path.absolute()}: no checkpoint here (no such directory)")
     if (path / MANIFEST_FILE).is_file() or step_of(path) is not None:
         return path
     for root in (path, path / CHECKPOINTS_DIR):

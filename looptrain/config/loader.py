@@ -29,6 +29,60 @@ from looptrain.fileio import write_text_atomic
 
 # ------------------------------------------------------------------ YAML files
 
+# A recipe is a few hundred values; aliases that expand beyond these bounds are
+# an alias bomb ("billion laughs"), which would hang whatever walks the value
+# (type checks, error messages, dataclasses.asdict).
+MAX_YAML_VALUES = 100_000
+MAX_YAML_CHARS = 10_000_000
+
+
+class YAMLTooLarge(yaml.YAMLError):
+    """A YAML document whose aliases expand beyond the bounds above, or refer to themselves."""
+
+
+class BoundedSafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that measures the composed document, aliases expanded, before constructing it.
+
+    Composing is linear in the size of the text (an alias is a reference to the
+    anchored node), so the bound is checked before any value is built.
+    """
+
+    def construct_document(self, node):
+        _expanded_size(node, {}, set())
+        return super().construct_document(node)
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, tuple[int, int]], active: set[int]) -> tuple[int, int]:
+    """(values, characters) of `node` with every alias expanded; raises YAMLTooLarge past the bounds."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise YAMLTooLarge(f"an alias refers to its own anchor (line {node.start_mark.line + 1}); "
+                           "a recipe cannot contain itself")
+    active.add(key)
+    values, chars = 1, 0
+    if isinstance(node, yaml.ScalarNode):
+        chars = len(node.value)
+    else:
+        children = node.value if isinstance(node, yaml.SequenceNode) else [c for pair in node.value for c in pair]
+        for child in children:
+            v, c = _expanded_size(child, memo, active)
+            values, chars = values + v, chars + c
+            if values > MAX_YAML_VALUES or chars > MAX_YAML_CHARS:
+                raise YAMLTooLarge(
+                    f"its aliases expand to more than {MAX_YAML_VALUES:,} values or {MAX_YAML_CHARS:,} characters "
+                    "(an alias bomb?); write the values out, or share settings with base:"
+                )
+    active.discard(key)
+    memo[key] = (values, chars)
+    return values, chars
+
+
+def safe_load_bounded(stream: Any) -> Any:
+    """yaml.safe_load with the alias-expansion bound of `BoundedSafeLoader`."""
+    return yaml.load(stream, Loader=BoundedSafeLoader)
+
 
 def read_yaml_mapping(path: str, *, kind: str, missing_hint: str, error: type[Exception] = RecipeError) -> dict:
     """A YAML file that must hold a mapping (an empty file is {}): recipes, cluster profiles, sweeps.
@@ -38,8 +92,17 @@ def read_yaml_mapping(path: str, *, kind: str, missing_hint: str, error: type[Ex
     if not os.path.isfile(path):
         raise error(f"{path}: {kind} not found; {missing_hint}")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:  # bytes: PyYAML detects the encoding and names a bad byte
+            data = safe_load_bounded(f)
+    except OSError as err:
+        raise error(f"{path}: cannot read the {kind} ({err.strerror}); check the path and its permissions") from None
+    except RecursionError:
+        raise error(f"{path}: the {kind} is nested too deeply to read; a {kind} is a shallow mapping") from None
+    except YAMLTooLarge as err:
+        raise error(f"{path}: {err}") from None
+    except yaml.reader.ReaderError as err:
+        raise error(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.position}); a {kind} is YAML "
+                    "text") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -98,8 +161,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise RecipeError(f"override {text!r}: the key must be dotted names like model.loops")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
+        parsed = safe_load_bounded(value) if value.strip() else ""
+    except YAMLTooLarge as err:
+        raise RecipeError(f"override {key}: {err}") from None
+    except (yaml.YAMLError, RecursionError):
         parsed = value
     return key.split("."), parsed
 
@@ -203,7 +268,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
@@ -212,6 +278,11 @@ def build_dataclass(cls: type, data: dict, prefix: str = "") -> Any:
             hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
             valid = ", ".join(names)
             raise RecipeError(f"unknown recipe key {path!r}{hint} (valid keys here: {valid})")
+        factory = fields[key].default_factory
+        if isinstance(value, dict) and factory is not dataclasses.MISSING:
+            default = factory()
+            if dataclasses.is_dataclass(default):  # a section's own defaults (e.g. a monitor rule's halt
+                value = deep_merge(dataclasses.asdict(default), value)  # threshold) stay unless set
         kwargs[key] = _convert(value, hints[key], path)
     return cls(**kwargs)
 

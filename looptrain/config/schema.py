@@ -9,12 +9,96 @@ that cannot work, with a message that says why.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+import math
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 
 class RecipeError(ValueError):
     """A recipe is wrong. The message names the key and what to do about it."""
+
+
+# ---------------------------------------------------------------- value ranges
+
+# Upper bounds on sizes that allocate memory: a width of 1e20 passes any type
+# check and fails much later, inside the model's constructor.
+MAX_WIDTH = 2**17
+MAX_LAYERS = 10_000
+MAX_TOKENS = 2**24  # vocabulary size, sequence length
+MAX_SEED = 2**32 - 1  # numpy and mosaicml-streaming take 32-bit seeds
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric recipe key accepts: optional bounds, and always finite.
+
+    Declared once per field, in the field's metadata (see `bounded`); for a list
+    field it applies to every item, and None passes where the field is Optional.
+    """
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+    why: str = ""  # what the bound protects, appended to the message
+
+    def describe(self, integer: bool) -> str:
+        low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else None
+        high = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else None
+        kind = "an integer" if integer else "a finite number"
+        if low and high:
+            return f"{kind} in {low}, {high}"
+        if low:
+            return f"{kind} {'>=' if self.ge is not None else '>'} {low[1:]}"
+        if high:
+            return f"{kind} {'<=' if self.le is not None else '<'} {high[:-1]}"
+        return kind
+
+    def holds(self, value: float) -> bool:
+        return (
+            math.isfinite(value)
+            and (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+def bounded(default: Any = None, *, factory: Any = None, ge: Optional[float] = None, gt: Optional[float] = None,
+            le: Optional[float] = None, lt: Optional[float] = None, why: str = "") -> Any:
+    """A dataclass field whose value (or each item of it) must lie in a `Range`."""
+    meta = {"range": Range(ge=ge, gt=gt, le=le, lt=lt, why=why)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def check_ranges(config: Any, prefix: str) -> None:
+    """Check every numeric field of `config` and its nested sections against its `Range`.
+
+    Every float is checked finite, ranged or not; the message names the key,
+    the value and the values allowed.
+    """
+    for f in fields(config):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            check_ranges(value, key)
+            continue
+        rng = f.metadata.get("range", Range())
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if not rng.holds(item):
+                where = f"{key}[{i}]" if items is value else key
+                why = f" ({rng.why})" if rng.why else ""
+                raise RecipeError(f"{where}: must be {rng.describe(isinstance(item, int))}{why}, got {item!r}")
 
 
 # --------------------------------------------------------------------------- model
@@ -28,24 +112,24 @@ class ModelConfig:
     starting at the token+position embeddings, learned positions, tied head.
     """
 
-    vocab_size: int = 20000
-    d_model: int = 512
-    n_heads: int = 8
-    prelude_layers: int = 0
-    core_layers: int = 8
-    coda_layers: int = 0
-    loops: int = 4  # trained depth K: how many times the core runs
-    max_seq_len: int = 256
-    mlp_ratio: float = 4.0  # SwiGLU hidden = mlp_ratio * d_model
+    vocab_size: int = bounded(20000, ge=1, le=MAX_TOKENS)
+    d_model: int = bounded(512, ge=1, le=MAX_WIDTH)
+    n_heads: int = bounded(8, ge=1, le=MAX_WIDTH)
+    prelude_layers: int = bounded(0, ge=0, le=MAX_LAYERS)
+    core_layers: int = bounded(8, ge=1, le=MAX_LAYERS, why="the looped core needs at least one layer")
+    coda_layers: int = bounded(0, ge=0, le=MAX_LAYERS)
+    loops: int = bounded(4, ge=1, le=MAX_LAYERS, why="the loop count")  # trained depth K: how many times the core runs
+    max_seq_len: int = bounded(256, ge=1, le=MAX_TOKENS)
+    mlp_ratio: float = bounded(4.0, gt=0, le=256)  # SwiGLU hidden = mlp_ratio * d_model
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
-    norm_eps: float = 1e-5
+    norm_eps: float = bounded(1e-5, gt=0, le=1)
     block_style: Literal["prenorm", "sandwich"] = "prenorm"
     positions: Literal["learned", "rope"] = "learned"
-    rope_theta: float = 10000.0
+    rope_theta: float = bounded(10000.0, gt=0)
     tied_embeddings: bool = True
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, ge=0, lt=1)
     bias: bool = False
-    init_std: float = 0.02
+    init_std: float = bounded(0.02, gt=0)
     # normal: N(0, init_std) for linears and embeddings. torch_default: PyTorch's
     # own initialisers (embeddings N(0, 1), linears U(+-1/sqrt(fan_in))), as the
     # paper's code does -- it changes how fast the hidden-state norm grows.
@@ -54,11 +138,11 @@ class ModelConfig:
     injection: Literal["none", "add", "concat", "contractive"] = "none"
     # What the carried state starts as before the first loop.
     initial_state: Literal["embeddings", "zeros", "noise"] = "embeddings"
-    initial_state_std: float = 1.0  # std of the noise initial state
+    initial_state_std: float = bounded(1.0, ge=0)  # std of the noise initial state
     # Scale control 1: how each exit reads the state.
     readout: Literal["rmsnorm", "raw", "final_only", "alpha"] = "rmsnorm"
-    alpha_init: float = 0.5  # alpha readout: output scale s_ref^(1-a) * s^a
-    alpha_ref_rms: float = 1.0  # s_ref of the alpha readout
+    alpha_init: float = bounded(0.5, ge=0, le=1)  # alpha readout: output scale s_ref^(1-a) * s^a
+    alpha_ref_rms: float = bounded(1.0, gt=0)  # s_ref of the alpha readout
     # Scale control 3: what happens to the carried state between loops.
     recurrence: Literal["residual", "rmsnorm", "contractive"] = "residual"
     # Exit gate (Ouro-style), needed by objective.supervision == exit_gated.
@@ -82,27 +166,13 @@ class ModelConfig:
         def bad(key: str, why: str) -> None:
             raise RecipeError(f"model.{key}: {why}")
 
-        for key in ("vocab_size", "d_model", "n_heads", "max_seq_len"):
-            if getattr(self, key) < 1:
-                bad(key, f"must be >= 1, got {getattr(self, key)}")
-        if self.loops < 1:
-            bad("loops", f"the loop count must be >= 1, got {self.loops}")
-        if self.core_layers < 1:
-            bad("core_layers", f"the looped core needs at least one layer, got {self.core_layers}")
-        if self.prelude_layers < 0 or self.coda_layers < 0:
-            bad("prelude_layers/coda_layers", "must be >= 0")
+        check_ranges(self, "model")
         if self.d_model % self.n_heads:
             bad("n_heads", f"{self.n_heads} heads do not divide d_model={self.d_model}; pick a divisor of d_model")
         if self.positions == "rope" and self.head_dim % 2:
             bad("positions", f"rope needs an even head dimension, got d_model/n_heads={self.head_dim}")
         if self.mlp_hidden < 1:
             bad("mlp_ratio", f"gives a SwiGLU hidden width of {self.mlp_hidden}; use a larger ratio")
-        if not 0.0 <= self.dropout < 1.0:
-            bad("dropout", f"must be in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.alpha_init <= 1.0:
-            bad("alpha_init", f"must be in [0, 1], got {self.alpha_init}")
-        if self.init_std <= 0:
-            bad("init_std", f"must be > 0, got {self.init_std}")
         for key, allowed in _MODEL_CHOICES.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"unknown value {getattr(self, key)!r}; use one of {', '.join(allowed)}")
@@ -114,17 +184,19 @@ class ModelConfig:
             )
 
 
+def literal_choices(config: type) -> dict[str, tuple[Any, ...]]:
+    """{key: allowed values} for every `Literal` key of a config dataclass.
+
+    The `Literal` types above are the one list of each set of choices: the
+    loader checks recipes against them, `validate` checks configs built in
+    code, and the model's builder tables are tested against them.
+    """
+    hints = get_type_hints(config)
+    return {key: get_args(hint) for key, hint in hints.items() if get_origin(hint) is Literal}
+
+
 # Checked again at run time: a ModelConfig built in code bypasses the loader's Literal checks.
-_MODEL_CHOICES = {
-    "norm": ("rmsnorm", "layernorm"),
-    "block_style": ("prenorm", "sandwich"),
-    "positions": ("learned", "rope"),
-    "injection": ("none", "add", "concat", "contractive"),
-    "initial_state": ("embeddings", "zeros", "noise"),
-    "readout": ("rmsnorm", "raw", "final_only", "alpha"),
-    "recurrence": ("residual", "rmsnorm", "contractive"),
-    "init": ("normal", "torch_default"),
-}
+_MODEL_CHOICES = literal_choices(ModelConfig)
 
 
 # ------------------------------------------------------------------- objective
@@ -138,9 +210,9 @@ class NormPenaltyConfig:
     anchor:  weight * mean_k (RMS(h_k) - target)^2
     """
 
-    weight: float = 0.0
+    weight: float = bounded(0.0, ge=0)
     form: Literal["mean_sq", "anchor"] = "mean_sq"
-    target: float = 1.0
+    target: float = bounded(1.0, ge=0)
 
 
 @dataclass
@@ -153,21 +225,21 @@ class DepthConfig:
     """
 
     mode: Literal["fixed", "uniform", "poisson_lognormal"] = "fixed"
-    min: int = 1
-    max: Optional[int] = None  # default: model.loops
-    mean: float = 4.0
-    sigma: float = 0.5
+    min: int = bounded(1, ge=1, le=MAX_LAYERS)
+    max: Optional[int] = bounded(None, ge=1, le=MAX_LAYERS)  # default: model.loops
+    mean: float = bounded(4.0, gt=0)
+    sigma: float = bounded(0.5, ge=0)
 
 
 @dataclass
 class ObjectiveConfig:
     supervision: Literal["terminal", "per_loop", "exit_gated"] = "per_loop"
-    loop_weights: Optional[list[float]] = None  # per_loop: one weight per exit
-    gate_entropy_beta: float = 0.05  # exit_gated: the beta of -beta * H(p)
+    loop_weights: Optional[list[float]] = bounded(None, ge=0)  # per_loop: one weight per exit
+    gate_entropy_beta: float = bounded(0.05, ge=0)  # exit_gated: the beta of -beta * H(p)
     norm_penalty: NormPenaltyConfig = field(default_factory=NormPenaltyConfig)
     depth: DepthConfig = field(default_factory=DepthConfig)
-    backprop_loops: Optional[int] = None  # truncate backprop to the last n loops
-    ce_chunk_tokens: int = 8192  # tokens per chunk of the per-exit cross-entropy
+    backprop_loops: Optional[int] = bounded(None, ge=1)  # truncate backprop to the last n loops
+    ce_chunk_tokens: int = bounded(8192, ge=1)  # tokens per chunk of the per-exit cross-entropy
 
 
 # ------------------------------------------------------------------------ data
@@ -183,10 +255,10 @@ class DataConfig:
 
     dir: str = "data/quickstart"
     shuffle: bool = True
-    shuffle_seed: int = 1234
-    num_workers: int = 0
-    num_canonical_nodes: Optional[int] = None
-    predownload: Optional[int] = None
+    shuffle_seed: int = bounded(1234, ge=0, le=MAX_SEED)
+    num_workers: int = bounded(0, ge=0, le=1024)
+    num_canonical_nodes: Optional[int] = bounded(None, ge=1)
+    predownload: Optional[int] = bounded(None, ge=1)
 
 
 # ---------------------------------------------------------------------- optim
@@ -197,19 +269,19 @@ class ScheduleConfig:
     """constant | warmup_cosine | wsd (warmup, stable, decay)."""
 
     name: Literal["constant", "warmup_cosine", "wsd"] = "constant"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    warmup_steps: int = bounded(0, ge=0)
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # final lr = lr * min_lr_ratio
+    decay_fraction: float = bounded(0.2, ge=0, le=1)  # wsd: share of steps spent decaying
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.01
+    lr: float = bounded(3e-4, gt=0)
+    betas: list[float] = bounded(factory=lambda: [0.9, 0.95], ge=0, lt=1)
+    eps: float = bounded(1e-8, ge=0)
+    weight_decay: float = bounded(0.01, ge=0)
     decay_norms_and_embeddings: bool = False
-    clip_grad_norm: Optional[float] = 1.0
+    clip_grad_norm: Optional[float] = bounded(1.0, ge=0, why="0 or null: no clipping")
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
@@ -217,24 +289,37 @@ class OptimConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """A torch.profiler trace of steps start+1 .. start+steps on every rank (steps 0: off)."""
+
+    start: int = bounded(10, ge=0)  # steps to run before the traced window
+    steps: int = bounded(0, ge=0, why="0 disables profiling")
+
+
+@dataclass
 class TrainConfig:
-    steps: int = 1000
-    micro_batch_size: int = 8  # sequences per device per micro-step
-    grad_accum: int = 1
+    steps: int = bounded(1000, ge=1)
+    micro_batch_size: int = bounded(8, ge=1)  # sequences per device per micro-step
+    grad_accum: int = bounded(1, ge=1)
     # Sequences per optimizer step over all ranks. When set it must equal
     # micro_batch_size * grad_accum * data-parallel size; it keeps the global
     # batch fixed when the world size changes.
-    global_batch_size: Optional[int] = None
+    global_batch_size: Optional[int] = bounded(None, ge=1)
     precision: Literal["fp32", "bf16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    log_every: int = 10
+    log_every: int = bounded(10, ge=1)
     # Peak TFLOP/s per device that MFU is reported against. Default: the
-    # vendor's dense number for a known GPU, a measured matmul peak on CPU.
-    peak_tflops: Optional[float] = None
-    val_every: int = 200
-    val_batches: int = 20
-    seed: int = 0
-    deterministic: bool = False
+    # vendor's dense number for a known GPU; no MFU on CPU unless set.
+    peak_tflops: Optional[float] = bounded(None, gt=0, why="TFLOP/s per device")
+    # Intra-op CPU threads per rank: auto (OMP_NUM_THREADS, else Slurm's CPUs
+    # per task, else available cores / local ranks; see looptrain.threads) or N.
+    threads: Union[Literal["auto"], int] = bounded("auto", ge=1, why="or auto")
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # RUN_DIR/profile/
+    memory_snapshot: bool = False  # RUN_DIR/memory/: CUDA snapshot (GPU) or peak report (CPU)
+    val_every: int = bounded(200, ge=0, why="0 disables validation")
+    val_batches: int = bounded(20, ge=1)
+    seed: int = bounded(0, ge=0, le=MAX_SEED)
+    deterministic: bool = False  # bit-identical reruns at some speed cost: see looptrain/determinism.py
 
 
 # -------------------------------------------------------------------- parallel
@@ -243,8 +328,8 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     backend: Literal["single", "fsdp2", "deepspeed"] = "single"
-    replicate: int = 1  # fsdp2: HSDP replica groups (2-D mesh) when > 1
-    zero_stage: int = 2  # deepspeed
+    replicate: int = bounded(1, ge=1)  # fsdp2: HSDP replica groups (2-D mesh) when > 1
+    zero_stage: int = bounded(2, ge=0, le=3, why="the DeepSpeed ZeRO stage")  # deepspeed
     activation_checkpointing: Literal["none", "block", "loop"] = "none"
     param_dtype: Literal["fp32", "bf16"] = "fp32"  # fsdp2 mixed precision compute dtype
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
@@ -254,7 +339,7 @@ class ParallelConfig:
     reshard_looped_blocks: bool = False
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged into the generated DS config
-    timeout_minutes: int = 30
+    timeout_minutes: int = bounded(30, ge=1)
 
 
 # ------------------------------------------------------------------ checkpoint
@@ -262,9 +347,9 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # steps between checkpoints; 0 = only at the end and on halt/preemption
-    keep_last: int = 2
-    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this
+    every: int = bounded(0, ge=0)  # steps between checkpoints; 0 = only at the end and on halt/preemption
+    keep_last: int = bounded(2, ge=1, why="so that a run can always resume")
+    keep_every: int = bounded(0, ge=0)  # also keep every checkpoint whose step is a multiple of this
     save_async: bool = False
     resume: str = "auto"  # auto | none | PATH
     save_final: bool = True
@@ -279,9 +364,9 @@ class RuleConfig:
     hold (patience) and what to do (log | alert | halt)."""
 
     enabled: bool = True
-    warn: Optional[float] = None
-    halt: Optional[float] = None
-    patience: int = 1
+    warn: Optional[float] = bounded(None, ge=0)
+    halt: Optional[float] = bounded(None, ge=0)
+    patience: int = bounded(1, ge=1, why="consecutive checks before the action")
     action: Literal["log", "alert", "halt"] = "halt"
 
 
@@ -292,15 +377,15 @@ class MonitorConfig:
     final_rms: RuleConfig = field(default_factory=lambda: RuleConfig(warn=100.0, halt=1000.0, patience=2))
     # Growth of the final-loop RMS over a window of steps (ratio).
     growth: RuleConfig = field(default_factory=lambda: RuleConfig(warn=5.0, halt=50.0, patience=2, action="alert"))
-    growth_window: int = 200
+    growth_window: int = bounded(200, ge=1)
     # Loop-to-loop growth ratio ||h_k|| / ||h_{k-1}|| (max over k).
     loop_ratio: RuleConfig = field(default_factory=lambda: RuleConfig(warn=4.0, halt=None, patience=3, action="alert"))
     # Non-finite loss or gradient norm.
     nonfinite: RuleConfig = field(default_factory=lambda: RuleConfig(patience=1, action="halt"))
     # Loss spike: z-score of the loss against an running mean / std.
     loss_spike: RuleConfig = field(default_factory=lambda: RuleConfig(warn=6.0, halt=None, patience=1, action="alert"))
-    spike_warmup: int = 50
-    alert_cooldown_steps: int = 500  # rate limit: one alert per rule per this many steps
+    spike_warmup: int = bounded(50, ge=0)
+    alert_cooldown_steps: int = bounded(500, ge=0)  # rate limit: one alert per rule per this many steps
 
 
 # -------------------------------------------------------------------- tracking
@@ -341,18 +426,18 @@ class Recipe:
 
     def validate(self) -> "Recipe":
         """Reject combinations that cannot work, saying why."""
-        m, o, t = self.model, self.objective, self.train
+        m, o = self.model, self.objective
 
         def bad(key: str, why: str) -> None:
             raise RecipeError(f"{key}: {why}")
 
+        check_ranges(self, "")
+        check_run_name(self.name)
         m.validate()
 
         if o.supervision == "exit_gated" and not m.exit_gate:
             bad("objective.supervision", "exit_gated needs a learned exit gate: set model.exit_gate=true")
         max_depth = o.depth.max if o.depth.max is not None else m.loops
-        if o.depth.min < 1:
-            bad("objective.depth.min", f"must be >= 1, got {o.depth.min}")
         if max_depth < o.depth.min:
             bad("objective.depth.max", f"max depth {max_depth} is below min depth {o.depth.min}")
         if o.depth.mode == "fixed" and o.depth.max is not None and o.depth.max != m.loops:
@@ -365,38 +450,37 @@ class Recipe:
                     "objective.loop_weights",
                     f"needs exactly one weight per exit ({m.loops}) and a fixed depth; got {len(o.loop_weights)} weights",
                 )
-            if any(w < 0 for w in o.loop_weights) or sum(o.loop_weights) <= 0:
+            if sum(o.loop_weights) <= 0:
                 bad("objective.loop_weights", "weights must be >= 0 with a positive sum")
         if o.backprop_loops is not None and not 1 <= o.backprop_loops <= max_depth:
             bad(
                 "objective.backprop_loops",
                 f"truncated backprop over {o.backprop_loops} loops must be between 1 and the loop count ({max_depth})",
             )
-        if o.norm_penalty.weight < 0:
-            bad("objective.norm_penalty.weight", f"must be >= 0, got {o.norm_penalty.weight}")
-        if o.ce_chunk_tokens < 1:
-            bad("objective.ce_chunk_tokens", "must be >= 1")
-
-        for key in ("steps", "micro_batch_size", "grad_accum", "log_every", "val_batches"):
-            if getattr(t, key) < 1:
-                bad(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
-        if t.peak_tflops is not None and not t.peak_tflops > 0:
-            bad("train.peak_tflops", f"must be > 0 (TFLOP/s per device), got {t.peak_tflops}")
-        if t.val_every < 0:
-            bad("train.val_every", "must be >= 0 (0 disables validation)")
-        if self.optim.lr <= 0:
-            bad("optim.lr", f"must be > 0, got {self.optim.lr}")
         if len(self.optim.betas) != 2:
-            bad("optim.betas", "needs two values [beta1, beta2]")
-        if self.parallel.replicate < 1:
-            bad("parallel.replicate", "must be >= 1")
-        if self.parallel.zero_stage not in (0, 1, 2, 3):
-            bad("parallel.zero_stage", f"DeepSpeed ZeRO stage must be 0, 1, 2 or 3, got {self.parallel.zero_stage}")
-        if self.checkpoint.keep_last < 1:
-            bad("checkpoint.keep_last", "must be >= 1 so that a run can always resume")
-        if not self.name or "/" in self.name:
-            bad("name", f"a run name must be non-empty without '/', got {self.name!r}")
+            bad("optim.betas", f"needs two values [beta1, beta2], got {self.optim.betas}")
+        for rule_name, rule in vars(self.monitor).items():
+            thresholds = (rule.warn, rule.halt) if isinstance(rule, RuleConfig) else (None, None)
+            if None not in thresholds and rule.warn > rule.halt:
+                bad(f"monitor.{rule_name}.warn", f"warn threshold {rule.warn} is above halt threshold {rule.halt}; "
+                    "warn must be the lower one")
         return self
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9._+=,@%-]+")
+
+
+def check_run_name(name: str) -> None:
+    """A run name becomes one directory under out_dir: it must be a single, plain path component.
+
+    `..`, `a/b` or `/abs` would put the run (and whatever `--overwrite`-like
+    retention later deletes) outside out_dir.
+    """
+    if name in ("", ".", "..") or not _SAFE_NAME.fullmatch(name) or name.startswith("-"):
+        raise RecipeError(
+            f"name: {name!r} is not a single directory name; use letters, digits and . _ - + = , @ % "
+            f"(not '.', '..' or a leading '-', no '/'), e.g. name=run1"
+        )
 
 
 def check_world_size(recipe: "Recipe", world: int, where: str = "") -> None:

@@ -211,7 +211,7 @@ class DocumentSource:
         files = expand_inputs(inputs)
         return cls(
             describe={
-                "files": [str(p) for p in files],
+                "files": [str(p.absolute()) for p in files],
                 "text_field": text_field,
                 "text_split": text_split,
             },

@@ -38,8 +38,9 @@ from looptrain.config.schema import DataConfig
 from looptrain.data.errors import DataError
 from looptrain.data.prepare import DATASET_FORMAT, TOKENS_COLUMN
 from looptrain.data.tokenizer import file_sha256
+from looptrain.paths import shown
 
-PREPARE_HINT = "looptrain prepare --corpus bible --out {dir}"
+PREPARE_HINT = "looptrain prepare YOUR_TEXT_OR_JSONL_FILES --out {dir}"
 SINGLE_PROCESS_ENV = {
     "WORLD_SIZE": "1",
     "LOCAL_WORLD_SIZE": "1",
@@ -71,8 +72,8 @@ def _load_meta(root: Path) -> dict:
     meta_path = root / "dataset.json"
     if not meta_path.is_file():
         raise DataError(
-            f"{meta_path}: missing, so {root} is not a finished dataset (an interrupted prepare?); "
-            f"re-run `{PREPARE_HINT.format(dir=root)} --overwrite`"
+            f"{shown(meta_path)}: missing, so it is not a finished dataset (an interrupted prepare?); "
+            f"re-run `{PREPARE_HINT.format(dir=root.absolute())} --overwrite`"
         )
     try:
         meta = json.loads(meta_path.read_text())
@@ -122,12 +123,15 @@ def check_dataset(
     problem is a one-line DataError naming the path and the fix.
     """
     root = Path(data_dir)
+    hint = PREPARE_HINT.format(dir=root.absolute())
     if not root.exists():
-        raise DataError(f"{root}: no dataset here; make one with `{PREPARE_HINT.format(dir=root)}` or set data.dir")
+        raise DataError(f"{shown(root)}: no dataset here; make one with `{hint}` or set data.dir")
     if not root.is_dir():
-        raise DataError(f"{root}: is a file, not a dataset directory; set data.dir to a `looptrain prepare` output")
+        raise DataError(
+            f"{shown(root)}: is a file, not a dataset directory; set data.dir to a `looptrain prepare` output"
+        )
     if not any(root.iterdir()):
-        raise DataError(f"{root}: empty directory; make a dataset with `{PREPARE_HINT.format(dir=root)} --overwrite`")
+        raise DataError(f"{shown(root)}: empty directory; make a dataset with `{hint} --overwrite`")
     meta = _load_meta(root)
 
     tokenizer_path = root / "tokenizer.model"

@@ -219,7 +219,8 @@ def _prepare_into(
 
     model_path = work / "tokenizer.model"
     if tokenizer_path is None:
-        train_tokenizer(_documents_of(source, is_val, want_val=False), model_path, vocab_size, seed=seed)
+        train_tokenizer(_documents_of(source, is_val, want_val=False), model_path, vocab_size, seed=seed,
+                        progress=progress)
     else:
         shutil.copyfile(tokenizer_path, model_path)
     tokenizer = Tokenizer.load(model_path)
@@ -277,7 +278,7 @@ def _prepare_into(
         "column": TOKENS_COLUMN,
         "dtype": dtype,
         "tokenizer_sha256": file_sha256(model_path),
-        "tokenizer_source": "trained" if tokenizer_path is None else str(tokenizer_path),
+        "tokenizer_source": "trained" if tokenizer_path is None else str(Path(tokenizer_path).absolute()),
         "source": source.describe,
         "documents": n_documents,
         "val_fraction": val_fraction,

@@ -28,6 +28,8 @@ import io
 import os
 import random
 import string
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -137,13 +139,15 @@ def train_tokenizer(
     max_lines: int = 2_000_000,
     seed: int = 0,
     num_threads: int | None = None,
+    progress: bool = False,
 ) -> Path:
     """Train a lossless BPE tokenizer on `documents`; write it to `model_path` and return the path.
 
     `vocab_size` counts everything: the 3 special tokens, the 2 user symbols
     and the 256 byte pieces (RESERVED_PIECES) plus the learned merges. If the
     corpus is too small to learn that many pieces, sentencepiece's error is
-    turned into one that says so.
+    turned into one that says so. With `progress`, a line on stderr before and
+    after each phase (sentencepiece reports no progress of its own).
     """
     smallest = RESERVED_PIECES + len(REQUIRED_CHARS) + 32
     if vocab_size < smallest:
@@ -151,9 +155,15 @@ def train_tokenizer(
             f"vocab_size={vocab_size} is too small: {RESERVED_PIECES} ids are reserved for special, "
             f"newline/tab and byte pieces and {len(REQUIRED_CHARS)} for printable ASCII; use at least {smallest}"
         )
+    start = time.perf_counter()
+    say = _phase_printer(progress, start)
+    say("tokenizer: sampling training lines")
     lines = list(_training_lines(documents, max_lines, seed))
     if not lines:
         raise TokenizerError("no text to train the tokenizer on: every input document is empty")
+    size_mb = sum(len(line) for line in lines) / 1e6
+    say(f"tokenizer: training a {vocab_size}-piece BPE on {len(lines):,} lines ({size_mb:.1f} M characters); "
+        "no progress is shown while sentencepiece trains")
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
@@ -187,9 +197,20 @@ def train_tokenizer(
                 "use a smaller --vocab-size or more text"
             ) from err
         raise
+    say("tokenizer: trained")
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
     partial = model_path.with_name(model_path.name + f".tmp-{os.getpid()}")
     partial.write_bytes(model.getvalue())
     os.replace(partial, model_path)
     return model_path
+
+
+def _phase_printer(enabled: bool, start: float):
+    """`say(text)` prints `[elapsed] text` to stderr when enabled."""
+
+    def say(text: str) -> None:
+        if enabled:
+            print(f"[{time.perf_counter() - start:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    return say

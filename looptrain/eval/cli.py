@@ -13,7 +13,7 @@ import sys
 from typing import Optional
 
 from looptrain import exit_codes
-from looptrain.eval.load import EvalError, run_dir_of
+from looptrain.eval.load import EvalError
 
 DEFAULT_OUT = "eval_out"
 
@@ -37,10 +37,13 @@ def parse_depths(text: Optional[str]) -> Optional[list[int]]:
     return depths
 
 
-def default_out_dir(paths: list[str]) -> str:
-    """`eval/` inside the first path's run directory, else ./eval_out."""
-    run_dir = run_dir_of(paths[0]) if paths else None
-    return str(run_dir / "eval") if run_dir is not None else DEFAULT_OUT
+def default_out_dir(names: list[str]) -> str:
+    """./eval_out/NAME1+NAME2...: a directory of its own for this set of runs,
+    never inside a run directory (which belongs to its training run)."""
+    label = "+".join(name.replace(os.sep, "_") for name in names) or "eval"
+    if len(label) > 100:
+        label = f"{label[:90]}+{len(names)}-runs"
+    return os.path.join(DEFAULT_OUT, label)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +58,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="sequences per batch (default: the recipe's micro_batch_size, else 8)")
     parser.add_argument("--out", default=None,
-                        help=f"output directory (default: eval/ in the first run directory, else ./{DEFAULT_OUT})")
+                        help=f"output directory (default: ./{DEFAULT_OUT}/NAME1+NAME2..., from the runs' names)")
     parser.add_argument("--exit-target", type=float, default=0.01,
                         help="early exit: largest allowed perplexity increase over full depth (0.01 = 1%%)")
     parser.add_argument("--exit-depth", type=int, default=None,
@@ -67,6 +70,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="autocast precision of the model's matmuls (losses stay fp32)")
     parser.add_argument("--chunk-tokens", type=int, default=4096,
                         help="tokens per chunk of full-vocabulary logits (lower it if memory is short)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -87,6 +91,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 path, args.data, depths, args.batches, batch_size=args.batch_size,
                 exit_depth=args.exit_depth, tolerance=args.exit_target, diagnostics=args.diagnostics,
                 device=args.device, precision=args.precision, chunk_tokens=args.chunk_tokens,
+                progress=not args.no_progress,
             )
             for path in args.paths
         ]
@@ -94,7 +99,7 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"looptrain eval: error: {err}", file=sys.stderr)
         return exit_codes.BAD_INPUT
     _unique_names(results)
-    out_dir = args.out or default_out_dir(args.paths)
+    out_dir = args.out or default_out_dir([r["name"] for r in results])
     os.makedirs(out_dir, exist_ok=True)
     files = write_reports(results, out_dir)
     files.update(write_plots(results, out_dir))

@@ -68,8 +68,8 @@ class ExitData:
 
 
 def readout_depends_on_last_exit(model) -> bool:
-    """True when exit k reads the state differently as the last exit (final_only)."""
-    return model.cfg.readout == "final_only"
+    """True when exit k reads the state differently as the last exit (the readout says so, e.g. final_only)."""
+    return model.readout.depends_on_last_exit
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -284,11 +284,20 @@ def run_diagnostics(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     device: str | torch.device = "cpu",
     precision: str = "fp32",
+    progress: str | bool = False,
 ) -> Diagnostics:
-    """All three diagnostics on the same batches (a list: it is read twice)."""
+    """All three diagnostics on the same batches (a list: it is read twice).
+
+    progress: a label for a progress bar per diagnostic (stderr), or False."""
+    from looptrain.eval.progress import progress_bar
+
+    def bar(what: str) -> Iterable[Tensor]:
+        return progress_bar(batches, f"{progress}: {what}", "batch", bool(progress))
+
     return Diagnostics(
-        radial=radial_gradient_shares(model, batches, depth, chunk_tokens=chunk_tokens, device=device),
-        clamp=radial_clamp_effect(model, batches, depth, chunk_tokens=chunk_tokens, device=device,
+        radial=radial_gradient_shares(model, bar("radial gradient"), depth, chunk_tokens=chunk_tokens,
+                                      device=device),
+        clamp=radial_clamp_effect(model, bar("radial clamp"), depth, chunk_tokens=chunk_tokens, device=device,
                                   precision=precision),
         histogram=norm_histograms(token_norms) if token_norms is not None else None,
     )

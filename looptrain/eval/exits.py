@@ -177,12 +177,18 @@ def evaluate_exits(
     depth: Optional[int] = None,
     tolerance: float = DEFAULT_TOLERANCE,
     policies: Optional[Sequence[str]] = None,
+    progress: str | bool = False,
 ) -> ExitReport:
-    """Sweep every available policy over exits 1..E (default E = the trained depth, capped at D)."""
+    """Sweep every available policy over exits 1..E (default E = the trained depth, capped at D).
+
+    progress: a label for a progress bar over the policies (stderr), or False."""
+    from looptrain.eval.progress import progress_bar
+
     depth = _check_depth(data, depth)
     full_loss = float(data.ce_final[depth - 1].double().mean())
     report = ExitReport(depth, full_loss, perplexity(full_loss), tolerance)
-    for policy in policies or available_policies(data):
+    chosen = list(policies or available_policies(data))
+    for policy in progress_bar(chosen, str(progress), "policy", bool(progress)):
         report.policies[policy] = evaluate_policy(data, policy, depth, tolerance)
     return report
 

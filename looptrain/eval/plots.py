@@ -2,7 +2,7 @@
 
     depth.png      perplexity vs inference depth, one line per run
     exits.png      early-exit Pareto curves: mean loops vs perplexity, one line per policy
-    norms.png      token norm ||h_k|| per loop: median with 25-75 % and 1-99 % bands
+    norms.png      token norm ||h_k|| per loop of every run on one axis: median, 25-75 % band, max
     norm_hist.png  histogram of token norms per loop (when diagnostics ran)
 
 Every function takes the result dicts of `looptrain.eval.run` and a path.
@@ -89,25 +89,48 @@ def plot_exit_pareto(results: Sequence[dict], path: str | os.PathLike) -> str:
 
 
 def plot_norms(results: Sequence[dict], path: str | os.PathLike) -> str:
-    """Token-norm quantile bands per loop, one panel per run (log scale)."""
-    n = len(results)
-    fig, axes = _figure(4.5 * n + 0.5, 4.0, ncols=n)
-    for ax, r in zip(axes, results):
+    """Token norm per loop of every run on one shared axis: median line, 25-75 % band, max dashed."""
+    fig, (ax,) = _figure(7.0, 4.5)
+    values: list[float] = []
+    for r, color in zip(results, _colors(len(results))):
         norms = r["depth"]["norms"]
         loops = [x["loop"] for x in norms]
-        q = {key: [x["quantiles"][key] for x in norms] for key in ("p01", "p25", "p50", "p75", "p99")}
-        ax.fill_between(loops, q["p01"], q["p99"], alpha=0.2, color="C0", label="1-99 %")
-        ax.fill_between(loops, q["p25"], q["p75"], alpha=0.4, color="C0", label="25-75 %")
-        ax.plot(loops, q["p50"], color="C0", marker="o", markersize=3, label="median")
-        ax.plot(loops, [x["max"] for x in norms], color="C3", linestyle="--", linewidth=1, label="max")
-        ax.axvline(r["trained_depth"], color="gray", linestyle=":", linewidth=1)
-        _log_if_wide(ax, q["p01"] + q["p99"] + [x["max"] for x in norms])
-        ax.set_xlabel("loop k")
-        ax.set_ylabel("token norm ||h_k|| (raw state)")
-        ax.set_title(r["name"])
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
+        q = {key: [x["quantiles"][key] for x in norms] for key in ("p25", "p50", "p75")}
+        peak = [x["max"] for x in norms]
+        ax.fill_between(loops, q["p25"], q["p75"], alpha=0.25, color=color, linewidth=0)
+        ax.plot(loops, q["p50"], color=color, marker="o", markersize=3, label=f"{r['name']} (K={r['trained_depth']})")
+        ax.plot(loops, peak, color=color, linestyle="--", linewidth=0.9)
+        values += q["p25"] + peak
+    for k in sorted({r["trained_depth"] for r in results}):
+        ax.axvline(k, color="gray", linestyle=":", linewidth=1)
+    _log_if_wide(ax, values)
+    if ax.get_yscale() == "log":
+        _plain_log_ticks(ax.yaxis, *ax.get_ylim())
+    ax.set_xlabel("loop k (dotted: trained depth K)")
+    ax.set_ylabel("token norm ||h_k|| (raw state)")
+    ax.set_title("token norm per loop: median, 25-75 % band, max (dashed)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
     return _save(fig, path)
+
+
+def _plain_log_ticks(axis, low: float, high: float) -> None:
+    """Log-axis ticks labelled as plain numbers, as many as fit: evenly spaced values within a
+    decade, 1-2-5 steps over a few decades, powers of ten beyond; minor ticks unlabelled (matplotlib's
+    default labels them on a narrow range, and they collide)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    decades = math.log10(high / low) if high > low > 0 else 0.0
+    if decades < 1.0:
+        locator = MaxNLocator(nbins=5)
+    elif decades <= 2.5:
+        locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0))
+    else:
+        locator = LogLocator(base=10, subs=(1.0,), numticks=7)
+    axis.set_major_locator(locator)
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def plot_norm_histograms(results: Sequence[dict], path: str | os.PathLike) -> str:
@@ -127,6 +150,7 @@ def plot_norm_histograms(results: Sequence[dict], path: str | os.PathLike) -> st
             ax.stairs(row, edges, color=cmap(k / max(1, len(counts) - 1) * 0.9), label=f"k={k + 1}")
         if edges[0] > 0:
             ax.set_xscale("log")
+            _plain_log_ticks(ax.xaxis, edges[0], edges[-1])
         ax.set_xlabel("token norm ||h_k||")
         ax.set_ylabel("tokens")
         ax.set_title(r["name"])

@@ -93,8 +93,25 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def markdown(results: Sequence[dict]) -> str:
     """Perplexity per depth (runs as columns), RMS per loop, early-exit picks, diagnostics."""
     names = [r["name"] for r in results]
-    lines = ["## Perplexity by inference depth", "", "`*` marks each run's trained depth.", ""]
+    two_readouts = [r for r in results if exit_readout_differs(r)]
+    lines = [
+        "## Perplexity by inference depth", "",
+        "Depth k: the model run for k loops and read out by its final readout (the last exit's), "
+        "i.e. what `model(tokens, depth=k)` returns. `*` marks each run's trained depth.",
+    ]
+    if two_readouts:
+        lines.append(
+            "Runs whose intermediate exits have a readout of their own (`final_only`: raw at exits 1..K-1) "
+            "get a second column, `(exit k readout)`: exit k of the deepest pass read by that exit's readout, "
+            "the numbers the early-exit table uses."
+        )
+    lines.append("")
     all_depths = sorted({k for r in results for k in r["depth"]["depths"]})
+    header = ["depth"]
+    for r in results:
+        header.append(r["name"])
+        if r in two_readouts:
+            header.append(f"{r['name']} (exit k readout)")
     rows = []
     for k in all_depths:
         row = [str(k)]
@@ -102,8 +119,10 @@ def markdown(results: Sequence[dict]) -> str:
             d = r["depth"]
             cell = _num(d["ppl"][d["depths"].index(k)]) if k in d["depths"] else "-"
             row.append(cell + ("*" if k == r["trained_depth"] and cell != "-" else ""))
+            if r in two_readouts:
+                row.append(_num(_perplexity(d["exit_loss"][d["depths"].index(k)])) if k in d["depths"] else "-")
         rows.append(row)
-    lines += _table(["depth", *names], rows)
+    lines += _table(header, rows)
 
     lines += ["", "## RMS of the raw state per loop", ""]
     loops = sorted({n["loop"] for r in results for n in r["depth"]["norms"]})
@@ -127,7 +146,10 @@ def markdown(results: Sequence[dict]) -> str:
                 _num(pick["ppl"]), _num(e["full_ppl"]), f"{100 * p['saved_fraction']:.1f}%",
             ])
     tol = results[0]["exits"]["tolerance"] if results else 0.0
-    lines += [f"Tolerance: perplexity at most {100 * tol:.3g}% above full depth.", ""]
+    lines += [
+        f"Tolerance: perplexity at most {100 * tol:.3g}% above full depth (`full ppl`: the final readout at the "
+        "last exit). A token that stops at an earlier exit is read by that exit's own readout.", "",
+    ]
     lines += _table(["run", "policy", "threshold", "mean loops", "ppl", "full ppl", "loops saved"], rows)
 
     diag = [r for r in results if r.get("diagnostics")]
@@ -146,6 +168,16 @@ def markdown(results: Sequence[dict]) -> str:
             rows,
         )
     return "\n".join(lines) + "\n"
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # as looptrain.eval.depth.perplexity, without importing torch
+
+
+def exit_readout_differs(result: dict) -> bool:
+    """True when exit k's own readout and the final readout after k loops give different losses (final_only)."""
+    d = result["depth"]
+    return any(a != b for a, b in zip(d["loss"], d["exit_loss"]))
 
 
 def write_reports(results: Sequence[dict], out_dir: str | os.PathLike) -> dict[str, str]:

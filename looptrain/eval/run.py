@@ -16,6 +16,7 @@ from looptrain.eval.collect import DEFAULT_CHUNK_TOKENS, collect_exit_data, reso
 from looptrain.eval.depth import depth_result
 from looptrain.eval.exits import DEFAULT_TOLERANCE, evaluate_exits
 from looptrain.eval.load import EvalError, load_model_for_eval, source_name
+from looptrain.eval.progress import progress_bar
 
 DEFAULT_BATCHES = 20
 DEFAULT_BATCH_SIZE = 8
@@ -68,8 +69,12 @@ def evaluate_model(
     device: str | torch.device = "auto",
     precision: str = "fp32",
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    progress: bool = False,
 ) -> dict:
-    """Depth curve, loop norms, early-exit sweep (and diagnostics) of one model as a JSON-ready dict."""
+    """Depth curve, loop norms, early-exit sweep (and diagnostics) of one model as a JSON-ready dict.
+
+    With `progress`, a bar on stderr per phase (the deep pass over the batches,
+    the policy sweeps, each diagnostic) with its rate and ETA."""
     cfg = model.cfg
     depths = sorted(set(depths)) if depths else default_depths(cfg.loops)
     if depths[0] < 1:
@@ -79,7 +84,8 @@ def evaluate_model(
     deepest = depths[-1]
     if exit_depth is not None and not 1 <= exit_depth <= deepest:
         raise EvalError(f"exit depth {exit_depth} must lie in 1..{deepest} (the deepest evaluated depth)")
-    data = collect_exit_data(model, batches, deepest, chunk_tokens=chunk_tokens, device=dev, precision=precision)
+    passes = progress_bar(batches, f"{name}: depths 1..{deepest}", "batch", progress)
+    data = collect_exit_data(model, passes, deepest, chunk_tokens=chunk_tokens, device=dev, precision=precision)
     result = {
         "name": name,
         "trained_depth": cfg.loops,
@@ -87,7 +93,8 @@ def evaluate_model(
         "batches": len(batches),
         "tokens": data.tokens,
         "depth": depth_result(data, depths).to_dict(),
-        "exits": evaluate_exits(data, exit_depth, tolerance).to_dict(),
+        "exits": evaluate_exits(data, exit_depth, tolerance,
+                                progress=progress and f"{name}: early-exit policies").to_dict(),
         "diagnostics": None,
     }
     if diagnostics:
@@ -95,7 +102,7 @@ def evaluate_model(
 
         result["diagnostics"] = run_diagnostics(
             model, list(batches), deepest, token_norms=data.token_norms, chunk_tokens=chunk_tokens, device=dev,
-            precision=precision,
+            precision=precision, progress=progress and name,
         ).to_dict()
     return result
 

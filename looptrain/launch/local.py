@@ -65,8 +65,10 @@ def worker_env(rank: int, nproc: int, master_port: int, base: Optional[dict[str,
         MASTER_PORT=str(master_port),
         PYTHONUNBUFFERED="1",
     )
-    if "OMP_NUM_THREADS" not in env:  # N processes sharing the cores, as torchrun does
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    if "OMP_NUM_THREADS" not in env:  # N processes sharing the cores this process may use
+        from looptrain.threads import available_cores
+
+        env["OMP_NUM_THREADS"] = str(max(1, available_cores() // nproc))
     return env
 
 
@@ -256,6 +258,15 @@ def _forward_signals(workers: Sequence[_Worker]) -> dict[int, object]:
 def _restore_signals(previous: dict[int, object]) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)
+
+
+def check_nproc(nproc: int) -> None:
+    """`--nproc` counts processes: 0 or a negative count is a typo, not "one process"."""
+    from looptrain.config.schema import RecipeError
+
+    if nproc < 1:
+        raise RecipeError(f"--nproc {nproc}: must be an integer >= 1 (local worker processes); "
+                          "omit it to train in this process")
 
 
 def launch_local(argv: list[str], nproc: int) -> int:

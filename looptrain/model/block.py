@@ -15,24 +15,24 @@ from torch import nn
 
 from looptrain.config.schema import ModelConfig
 from looptrain.model.attention import CausalSelfAttention, RopeTables
+from looptrain.model.choices import choose
 from looptrain.model.mlp import SwiGLU
 from looptrain.model.norms import build_norm
+
+# model.block_style -> whether each branch's output is normalised too (sandwich).
+NORMALISED_BRANCH_OUTPUTS = {"prenorm": False, "sandwich": True}
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-
-        def norm() -> nn.Module:
-            return build_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
-
-        self.attn_norm = norm()
+        self.attn_norm = build_norm(cfg)
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.bias)
-        self.mlp_norm = norm()
+        self.mlp_norm = build_norm(cfg)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, cfg.bias)
-        sandwich = cfg.block_style == "sandwich"
-        self.attn_out_norm = norm() if sandwich else nn.Identity()
-        self.mlp_out_norm = norm() if sandwich else nn.Identity()
+        normalise_outputs = choose(NORMALISED_BRANCH_OUTPUTS, cfg, "block_style")
+        self.attn_out_norm = build_norm(cfg) if normalise_outputs else nn.Identity()
+        self.mlp_out_norm = build_norm(cfg) if normalise_outputs else nn.Identity()
         # Residual dropout on the MLP branch only, as in the AR-LoopLM reference
         # model (its attention branch drops attention probabilities instead).
         self.mlp_dropout = nn.Dropout(cfg.dropout)

@@ -14,7 +14,9 @@ from torch import nn
 
 from looptrain.config.schema import ModelConfig
 from looptrain.model.block import TransformerBlock
+from looptrain.model.choices import choose
 from looptrain.model.injection import build_injection
+from looptrain.model.positions import POSITIONS
 from looptrain.model.recurrence import build_skip_decay
 from looptrain.model.rotary import RotaryTables
 
@@ -28,10 +30,11 @@ class LoopCore(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.injection = build_injection(cfg.injection, cfg.d_model, cfg.bias)
+        self.injection = build_injection(cfg)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.core_layers))
-        self.skip_decay = build_skip_decay(cfg.recurrence, cfg.d_model)
-        self.rotary = RotaryTables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.positions == "rope" else None
+        self.skip_decay = build_skip_decay(cfg)
+        rotary = choose(POSITIONS, cfg, "positions").rotary
+        self.rotary = RotaryTables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if rotary else None
 
     def rope(self, seq_len: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         return None if self.rotary is None else self.rotary(seq_len)

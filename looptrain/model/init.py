@@ -9,18 +9,33 @@ modules' own `reset_parameters`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
-INIT_SCHEMES = ("normal", "torch_default")
+
+def _normal(module: nn.Module, std: float) -> bool:
+    """N(0, std^2) weights and zero biases for a Linear or Embedding; False (not handled) for other modules."""
+    if not isinstance(module, (nn.Linear, nn.Embedding)):
+        return False
+    nn.init.normal_(module.weight, mean=0.0, std=std)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+    return True
+
+
+def _torch_default(module: nn.Module, std: float) -> bool:
+    return False  # every module keeps its own reset_parameters
+
+
+# model.init -> how a module is initialised before falling back to its own `reset_parameters`.
+INIT_SCHEMES: dict[str, Callable[[nn.Module, float], bool]] = {"normal": _normal, "torch_default": _torch_default}
 
 
 def initialize(model: nn.Module, std: float, scheme: str = "normal") -> None:
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"model.init: unknown scheme {scheme!r}; use one of {', '.join(INIT_SCHEMES)}")
+    init_module = INIT_SCHEMES[scheme]
     for module in model.modules():
-        if scheme == "normal" and isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif hasattr(module, "reset_parameters"):
+        if not init_module(module, std) and hasattr(module, "reset_parameters"):
             module.reset_parameters()

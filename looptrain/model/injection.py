@@ -13,11 +13,14 @@ contractive: exp(-delta*A) * h + delta * (B e)  (Parcae) with A = exp(a_log) > 0
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from looptrain.config.schema import ModelConfig
+from looptrain.model.choices import choose
 
 
 class NoInjection(nn.Module):
@@ -68,13 +71,14 @@ class ContractiveInjection(nn.Module):
         return self.decay().to(h.dtype) * h + F.softplus(self.dt).to(h.dtype) * self.input_proj(e)
 
 
-def build_injection(kind: str, d_model: int, bias: bool) -> nn.Module:
-    if kind == "none":
-        return NoInjection()
-    if kind == "add":
-        return AddInjection()
-    if kind == "concat":
-        return ConcatInjection(d_model, bias)
-    if kind == "contractive":
-        return ContractiveInjection(d_model, bias)
-    raise ValueError(f"model.injection: unknown injection {kind!r}; use none, add, concat or contractive")
+# model.injection -> the injection module.
+INJECTIONS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "none": lambda cfg: NoInjection(),
+    "add": lambda cfg: AddInjection(),
+    "concat": lambda cfg: ConcatInjection(cfg.d_model, cfg.bias),
+    "contractive": lambda cfg: ContractiveInjection(cfg.d_model, cfg.bias),
+}
+
+
+def build_injection(cfg: ModelConfig) -> nn.Module:
+    return choose(INJECTIONS, cfg, "injection")(cfg)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,10 @@ from torch import nn
 from looptrain.config.schema import ModelConfig
 from looptrain.model import accounting
 from looptrain.model.block import TransformerBlock
+from looptrain.model.choices import choose
 from looptrain.model.core import LoopCore
 from looptrain.model.init import initialize
+from looptrain.model.positions import POSITIONS
 from looptrain.model.readout import build_readout
 from looptrain.model.recurrence import build_carry_norm
 
@@ -41,9 +43,13 @@ class LoopOutput:
     gate_logits: Optional[list[torch.Tensor]]
 
 
-def init_scheme(cfg: ModelConfig) -> str:
-    """The recipe's `model.init` (normal | torch_default); `normal` where the schema has no such key."""
-    return getattr(cfg, "init", "normal")
+# model.initial_state -> the carried state before the first loop, from the embeddings e
+# and model.initial_state_std.
+INITIAL_STATES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "embeddings": lambda e, std: e,
+    "zeros": lambda e, std: torch.zeros_like(e),
+    "noise": lambda e, std: torch.randn_like(e) * std,
+}
 
 
 class LoopedLM(nn.Module):
@@ -53,13 +59,14 @@ class LoopedLM(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.tok_embed = nn.Embedding(cfg.vocab_size, d)
-        self.pos_embed = nn.Embedding(cfg.max_seq_len, d) if cfg.positions == "learned" else None
+        learned_positions = choose(POSITIONS, cfg, "positions").learned_table
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, d) if learned_positions else None
         self.embed_dropout = nn.Dropout(cfg.dropout)
         self.prelude = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.prelude_layers))
         self.core = LoopCore(cfg)
         self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
-        self.readout = build_readout(cfg.readout, d, cfg.norm_eps, cfg.alpha_init, cfg.alpha_ref_rms)
-        self.carry_norm = build_carry_norm(cfg.recurrence, d, cfg.norm_eps)
+        self.readout = build_readout(cfg)
+        self.carry_norm = build_carry_norm(cfg)
         self.exit_gate = nn.Linear(d, 1) if cfg.exit_gate else None
         self.head = None if cfg.tied_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
 
@@ -67,7 +74,7 @@ class LoopedLM(nn.Module):
 
     def init_weights(self) -> None:
         """(Re)initialise every parameter and buffer, e.g. after `to_empty` from meta."""
-        initialize(self, self.cfg.init_std, init_scheme(self.cfg))
+        initialize(self, self.cfg.init_std, self.cfg.init)
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -101,12 +108,7 @@ class LoopedLM(nn.Module):
         return x
 
     def initial_state(self, e: torch.Tensor) -> torch.Tensor:
-        kind = self.cfg.initial_state
-        if kind == "embeddings":
-            return e
-        if kind == "zeros":
-            return torch.zeros_like(e)
-        return torch.randn_like(e) * self.cfg.initial_state_std
+        return choose(INITIAL_STATES, self.cfg, "initial_state")(e, self.cfg.initial_state_std)
 
     def exit_features(self, h: torch.Tensor, last_exit: bool) -> torch.Tensor:
         """readout(coda(h)): the features the LM head reads at this exit."""

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from looptrain.config.schema import ModelConfig
+from looptrain.model.choices import choose
 
 
 class RMSNorm(nn.Module):
@@ -29,10 +34,13 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def build_norm(kind: str, dim: int, eps: float, bias: bool) -> nn.Module:
-    """The block norm named by `model.norm` (rmsnorm | layernorm)."""
-    if kind == "rmsnorm":
-        return RMSNorm(dim, eps)
-    if kind == "layernorm":
-        return nn.LayerNorm(dim, eps=eps, bias=bias)
-    raise ValueError(f"model.norm: unknown norm {kind!r}; use 'rmsnorm' or 'layernorm'")
+# model.norm -> the block norm of width d_model.
+NORMS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "rmsnorm": lambda cfg: RMSNorm(cfg.d_model, cfg.norm_eps),
+    "layernorm": lambda cfg: nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias),
+}
+
+
+def build_norm(cfg: ModelConfig) -> nn.Module:
+    """The block norm named by `model.norm`."""
+    return choose(NORMS, cfg, "norm")(cfg)

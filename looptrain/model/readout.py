@@ -12,14 +12,21 @@ alpha:      h / s * s_ref^(1-alpha) * s^alpha, s = RMS(h) per token, alpha in [0
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
 
+from looptrain.config.schema import ModelConfig
+from looptrain.model.choices import choose
 from looptrain.model.norms import RMSNorm
 
 
 class NormReadout(nn.Module):
+    # Whether the last exit reads the state differently from the others (evaluation
+    # at depth k must then run exactly k loops rather than read exit k of a deeper pass).
+    depends_on_last_exit = False
+
     def __init__(self, d_model: int, eps: float) -> None:
         super().__init__()
         self.norm = RMSNorm(d_model, eps)
@@ -29,11 +36,15 @@ class NormReadout(nn.Module):
 
 
 class RawReadout(nn.Module):
+    depends_on_last_exit = False
+
     def forward(self, h: torch.Tensor, last_exit: bool) -> torch.Tensor:
         return h
 
 
 class FinalOnlyReadout(nn.Module):
+    depends_on_last_exit = True
+
     def __init__(self, d_model: int, eps: float) -> None:
         super().__init__()
         self.norm = RMSNorm(d_model, eps)
@@ -48,6 +59,8 @@ class AlphaReadout(nn.Module):
     Computed as one per-token factor in float32 so that large states do not
     overflow low-precision activations before the factor shrinks them.
     """
+
+    depends_on_last_exit = False
 
     def __init__(self, alpha_init: float, ref_rms: float, eps: float) -> None:
         super().__init__()
@@ -76,13 +89,14 @@ class AlphaReadout(nn.Module):
         return h * factor.to(h.dtype)
 
 
-def build_readout(kind: str, d_model: int, eps: float, alpha_init: float, alpha_ref_rms: float) -> nn.Module:
-    if kind == "rmsnorm":
-        return NormReadout(d_model, eps)
-    if kind == "raw":
-        return RawReadout()
-    if kind == "final_only":
-        return FinalOnlyReadout(d_model, eps)
-    if kind == "alpha":
-        return AlphaReadout(alpha_init, alpha_ref_rms, eps)
-    raise ValueError(f"model.readout: unknown readout {kind!r}; use rmsnorm, raw, final_only or alpha")
+# model.readout -> the readout module.
+READOUTS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "rmsnorm": lambda cfg: NormReadout(cfg.d_model, cfg.norm_eps),
+    "raw": lambda cfg: RawReadout(),
+    "final_only": lambda cfg: FinalOnlyReadout(cfg.d_model, cfg.norm_eps),
+    "alpha": lambda cfg: AlphaReadout(cfg.alpha_init, cfg.alpha_ref_rms, cfg.norm_eps),
+}
+
+
+def build_readout(cfg: ModelConfig) -> nn.Module:
+    return choose(READOUTS, cfg, "readout")(cfg)

@@ -12,12 +12,14 @@ contractive: the loop's skip path decays, h_k = a * x + u_k, where x is the loop
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from looptrain.config.schema import ModelConfig
+from looptrain.model.choices import choose
 from looptrain.model.norms import RMSNorm
 
 
@@ -39,9 +41,27 @@ class SkipDecay(nn.Module):
         return torch.exp(-F.softplus(self.param))
 
 
-def build_skip_decay(recurrence: str, d_model: int) -> Optional[SkipDecay]:
-    return SkipDecay(d_model) if recurrence == "contractive" else None
+def _none(cfg: ModelConfig) -> None:
+    return None
 
 
-def build_carry_norm(recurrence: str, d_model: int, eps: float) -> Optional[RMSNorm]:
-    return RMSNorm(d_model, eps) if recurrence == "rmsnorm" else None
+# model.recurrence -> the decay of the loop's skip path (LoopCore), if any.
+SKIP_DECAYS: dict[str, Callable[[ModelConfig], Optional[SkipDecay]]] = {
+    "residual": _none,
+    "rmsnorm": _none,
+    "contractive": lambda cfg: SkipDecay(cfg.d_model),
+}
+# model.recurrence -> the norm applied to the state carried into the next loop (LoopedLM), if any.
+CARRY_NORMS: dict[str, Callable[[ModelConfig], Optional[RMSNorm]]] = {
+    "residual": _none,
+    "rmsnorm": lambda cfg: RMSNorm(cfg.d_model, cfg.norm_eps),
+    "contractive": _none,
+}
+
+
+def build_skip_decay(cfg: ModelConfig) -> Optional[SkipDecay]:
+    return choose(SKIP_DECAYS, cfg, "recurrence")(cfg)
+
+
+def build_carry_norm(cfg: ModelConfig) -> Optional[RMSNorm]:
+    return choose(CARRY_NORMS, cfg, "recurrence")(cfg)

@@ -23,6 +23,7 @@ from looptrain.parallel.env import DistEnv, init_distributed, shutdown_distribut
 
 
 def build_backend(recipe: Recipe, env: DistEnv) -> Backend:
+    # Imported on demand: a run loads only its own backend (DeepSpeed's imports alone take seconds).
     name = recipe.parallel.backend
     if name == "single":
         from looptrain.parallel.single import SingleBackend

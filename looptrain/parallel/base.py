@@ -62,10 +62,6 @@ class Backend(abc.ABC):
     def data_parallel_size(self) -> int:
         return self.env.world_size
 
-    @property
-    def data_parallel_rank(self) -> int:
-        return self.env.rank
-
     # ------------------------------------------------------------ the step
     def autocast(self):
         if self.recipe.train.precision == "bf16":
@@ -134,10 +130,3 @@ class Backend(abc.ABC):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return grad_norm.detach()
-
-    # -------------------------------------------------------- distributed
-    def all_reduce_mean(self, tensor: Tensor) -> Tensor:
-        if self.env.distributed:
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-            tensor /= self.env.world_size
-        return tensor

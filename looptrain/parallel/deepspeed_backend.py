@@ -37,10 +37,15 @@ from looptrain.config.loader import deep_merge
 from looptrain.config.schema import Recipe, RecipeError
 from looptrain.fileio import write_text_atomic
 from looptrain.optim import param_groups
+from looptrain.parallel.activation import apply_activation_checkpointing, apply_compile
 from looptrain.parallel.base import Backend, reject_fsdp2_options
 from looptrain.train_module import StepOutput
 
 CONFIG_FILE = "deepspeed_config.json"
+
+# `import deepspeed` stays inside the functions that run DeepSpeed: it takes seconds
+# and probes the accelerator, and the config helpers here (`deepspeed_config`) are
+# used without it.
 
 
 # DeepSpeed keys that the recipe already sets: `parallel.deepspeed` may repeat
@@ -173,14 +178,12 @@ class DeepSpeedBackend(Backend):
         pcfg = self.recipe.parallel
         reject_fsdp2_options(self.recipe)
         if pcfg.activation_checkpointing != "none" or pcfg.compile:
-            from looptrain.parallel.activation import apply_activation_checkpointing, apply_compile
-
             apply_activation_checkpointing(train_module.model, pcfg.activation_checkpointing)
             if pcfg.compile:
                 apply_compile(train_module.model)
         self.ds_config = deepspeed_config(self.recipe, self.env.world_size)
         if self.env.is_main:
-            self.config_path = write_config(self.ds_config, self.recipe.run_dir)
+            write_config(self.ds_config, self.recipe.run_dir)
         if self.ds_config["zero_optimization"].get("stage", 0) == 3:
             prepare_for_zero3(train_module)
         train_module.to(self.device)

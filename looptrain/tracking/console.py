@@ -1,6 +1,6 @@
 """One readable console line per log call.
 
-Training lines read `step 120/1000 | loss 4.812 | ce[1..4] 5.12 4.80 4.61 4.55
+Training lines read `step 120/1000 | 1:02 elapsed, eta 7:36 | loss 4.812 | ce[1..4] 5.12 4.80 4.61 4.55
 | |h4| 31.2 rms 1.38 | gnorm 0.82 | 12.3k tok/s | lr 3.00e-04`; validation
 lines start with `val` and show the loss and perplexity per exit.
 """
@@ -33,6 +33,15 @@ def _rate(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _clock(seconds: float) -> str:
+    """h:mm:ss (or m:ss); '?' before the pace is known."""
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def _series(label: str, values: dict[int, float], spec: str) -> str:
     ks = list(values)
     span = f"{ks[0]}" if len(ks) == 1 else f"{ks[0]}..{ks[-1]}"
@@ -48,6 +57,8 @@ def train_line(step: int, total: Optional[int], metrics: dict[str, float]) -> Op
     if not keys:
         return None
     parts = [_step(step, total)]
+    if "time/elapsed_s" in metrics:
+        parts.append(f"{_clock(metrics['time/elapsed_s'])} elapsed, eta {_clock(metrics.get('time/eta_s', math.nan))}")
     if "train/loss" in metrics:
         parts.append(f"loss {_num(metrics['train/loss'], '.4f')}")
     exits = _per_loop(metrics, "train/loss_exit")
