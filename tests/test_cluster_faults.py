@@ -279,10 +279,10 @@ def test_second_ctrl_c_aborts_the_launcher_at_once(tmp_path):
 
 
 def logged(run_dir: Path) -> dict[int, dict]:
-    """Each logged step's metrics without timing (perf/*), the last record of a step winning."""
+    """Each logged step's metrics without timings (perf/*, time/*), the last record of a step winning."""
     from looptrain.tracking import read_metrics
 
-    return {int(r["step"]): {k: v for k, v in r.items() if not k.startswith("perf/")}
+    return {int(r["step"]): {k: v for k, v in r.items() if not k.startswith(("perf/", "time/"))}
             for r in read_metrics(str(run_dir))}
 
 
