@@ -580,9 +580,8 @@ def test_sweep_runs_as_a_job_array_and_status_reports_each_run(slurm_cluster, ti
         "name": "tiny-sweep",
         "base": QUICKSTART,
         "out_dir": str(tmp_path / "sweeps"),
-        # One run at a time: two mosaicml-streaming datasets created at the same moment on one
-        # machine can race for the same shared-memory prefix (FileExistsError in looptrain.data).
-        "array_parallelism": 1,
+        # Two runs at once on one machine: their streaming shared memory must not collide.
+        "array_parallelism": 2,
         "overrides": [*tiny(tiny_data, tmp_path, steps=4), "train.log_every=2", "train.val_every=4",
                       "train.val_batches=2"],
         "runs": [
