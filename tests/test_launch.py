@@ -219,6 +219,18 @@ def test_sbatch_script_is_rendered_completely(tmp_path):
     assert all(text.splitlines().index(d) < first_command for d in directives)
 
 
+def test_sbatch_template_ships_inside_the_package():
+    """`--emit-sbatch` must work from a wheel: the template is package data, not a repository file."""
+    import tomllib
+
+    import looptrain.launch
+    from looptrain.launch.sbatch import TEMPLATE
+
+    assert TEMPLATE.is_file() and TEMPLATE.parent == Path(looptrain.launch.__file__).resolve().parent
+    package_data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert TEMPLATE.name in package_data["looptrain.launch"]
+
+
 def _fake_slurm(bin_dir: Path, srun_body: str) -> None:
     """Stand-ins for srun/scontrol/squeue, to run the script's requeue logic without a cluster."""
     bin_dir.mkdir()
