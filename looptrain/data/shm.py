@@ -235,6 +235,7 @@ def get_shm_prefix(streams_local: list[str], streams_remote: list, world, retry:
     elif not world.is_local_leader:
         raise RuntimeError("streaming: ranks of one node need a process group to agree on a shared-memory prefix")
     if not world.is_local_leader:
+        _wait_for_leader_segments(prefix)
         shm = SharedMemory(_get_path(prefix, LOCALS), False)
         their_locals, their_prefix = _unpack_locals(bytes(shm.buf))
         if their_locals != streams_local or their_prefix != prefix:
@@ -243,6 +244,38 @@ def get_shm_prefix(streams_local: list[str], streams_remote: list, world, retry:
                 f"not this job's {streams_local}"
             )
     return prefix, shm
+
+
+# The segments every rank of a node opens right after registration, in streaming 0.13's
+# StreamingDataset.__init__, each "create, or attach if it exists".
+_SETUP_SEGMENTS = ("barrier", "next_epoch", "cache_usage", "shard_states", "shard_access_times")
+LEADER_WAIT_S = 600.0
+
+
+def _wait_for_leader_segments(prefix: int, timeout_s: float = LEADER_WAIT_S) -> None:
+    """Let the local leader create the node's segments before the other ranks attach to them.
+
+    Otherwise a rank can find a segment that the leader has created but not yet sized, and
+    fail with "cannot mmap an empty file" (seen with 20 processes on 2 cores). The leader
+    creates them straight after registering, with no collective in between, so this wait
+    cannot deadlock.
+    """
+    from streaming.base.shared.prefix import _get_path
+
+    if not SHM_DIR.is_dir():  # not Linux: segments are not files we can watch
+        return
+    deadline = time.monotonic() + timeout_s
+    for name in _SETUP_SEGMENTS:
+        path = SHM_DIR / _get_path(prefix, name)
+        while True:
+            try:
+                if path.stat().st_size > 0:
+                    break
+            except FileNotFoundError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"streaming: {path} was not created by the local leader within {timeout_s:.0f} s")
+            time.sleep(0.005)
 
 
 def install_prefix_registration(streaming_module) -> None:
