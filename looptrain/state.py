@@ -21,6 +21,7 @@ class TrainerState:
     wandb_run_id: Optional[str] = None
     recipe_hash: str = ""
     last_metrics: dict[str, float] = field(default_factory=dict)  # per-loop norms etc. at save time
+    log_window: dict[str, Any] = field(default_factory=dict)  # the partly filled log window (see Trainer)
 
 
 def capture_rng_state() -> dict[str, Any]:

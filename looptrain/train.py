@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -194,6 +195,7 @@ class Trainer:
         self.state = TrainerState(recipe_hash=recipe_hash(recipe))
         self.checkpointer = Checkpointer(recipe, self.backend, env)
         self.checkpointer.resume(self, force=force_resume)
+        self._restore_log_window()
         if env.is_main:  # after the resume checks: a refused resume leaves the run's recipe.yaml as it was
             save_resolved(recipe, self.run_dir)
         self.tracker = Tracker(
@@ -205,15 +207,83 @@ class Trainer:
         self._preempt_signal: Optional[int] = None
 
     # ------------------------------------------------------------------ helpers
+    def _save(self, reason: str) -> Optional[str]:
+        self.state.log_window = self._log_window()
+        return self.checkpointer.save(self, reason=reason)
+
+    def _log_window(self) -> dict:
+        """The partly filled log window (metric and norm sums since the last log), summed over
+        ranks: saved with every checkpoint, so that a run resumed in the middle of a window logs
+        that window exactly as an uninterrupted run would, not as the mean of fewer steps."""
+        w, norms = self.window, self.norms
+        sums = torch.cat([w.sums, w.exit_sum, w.exit_count, norms._sums])
+        maxima = norms._max.clone()
+        if self.env.distributed:
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
+        return {"sums": sums.tolist(), "max": maxima.tolist(), "steps": w.steps, "micro": w.micro,
+                "model_flops": w.model_flops}
+
+    def _restore_log_window(self) -> None:
+        resumed = getattr(self.checkpointer, "resumed_from", None)
+        if resumed is None:
+            return
+        from looptrain.checkpoint.payload import load_trainer_state
+
+        saved = load_trainer_state(Path(resumed)).log_window
+        if not saved:
+            return
+        w, norms = self.window, self.norms
+        w.steps, w.micro, w.model_flops = int(saved["steps"]), int(saved["micro"]), float(saved["model_flops"])
+        if self.env.is_main:  # the others add zeros: the window's all-reduce then gives the saved total
+            sums = torch.tensor(saved["sums"], dtype=torch.float64, device=self.env.device)
+            d = self.max_depth
+            w.sums.copy_(sums[:5])
+            w.exit_sum.copy_(sums[5 : 5 + d])
+            w.exit_count.copy_(sums[5 + d : 5 + 2 * d])
+            norms._sums.copy_(sums[5 + 2 * d :])
+            norms._max.copy_(torch.tensor(saved["max"], dtype=torch.float64, device=self.env.device))
+
     def _install_signal_handlers(self) -> None:
+        """SIGUSR2/SIGTERM (time limit, preemption, scancel) and a first Ctrl-C stop the run at the
+        next step boundary with a checkpoint on every rank; a second Ctrl-C aborts at once."""
+
         def on_signal(signum, _frame):
             self._preempt_signal = signum
 
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
+        def on_interrupt(signum, _frame):
+            if self._preempt_signal is None:
+                self._preempt_signal = signum
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # the next Ctrl-C raises KeyboardInterrupt
+            if self.env.is_main:
+                print("\nlooptrain: Ctrl-C: stopping after this step and saving a checkpoint "
+                      "(press Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
+
+        for sig, handler in ((signal.SIGUSR2, on_signal), (signal.SIGTERM, on_signal), (signal.SIGINT, on_interrupt)):
             try:
-                signal.signal(sig, on_signal)
+                signal.signal(sig, handler)
             except ValueError:  # not the main thread
                 pass
+
+    def _stop_code(self) -> int:
+        """CANCELLED when this rank saw Ctrl-C, else PREEMPTED (the launcher decides about a requeue)."""
+        stopped_by = torch.tensor([1.0 if self._preempt_signal == signal.SIGINT else 0.0], device=self.env.device)
+        if self.env.distributed:
+            torch.distributed.all_reduce(stopped_by, op=torch.distributed.ReduceOp.MAX)
+        return exit_codes.CANCELLED if bool(stopped_by.item()) else exit_codes.PREEMPTED
+
+    def _say_where_it_stopped(self, code: int, checkpoint: Optional[str]) -> None:
+        if not self.env.is_main:
+            return
+        if code == exit_codes.CANCELLED:
+            why = f"stop asked for: {self.tracker.stop_reason}" if self.tracker.stop_reason else "Ctrl-C"
+        elif self._preempt_signal is not None:
+            why = signal.Signals(self._preempt_signal).name
+        else:
+            why = "a signal to another rank"
+        print(f"looptrain: stopped at step {self.state.step}/{self.recipe.train.steps} ({why}); "
+              f"checkpoint: {checkpoint}; resume by running the same command again "
+              f"(checkpoint.resume=auto continues from {self.run_dir}/checkpoints)", file=sys.stderr, flush=True)
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = next(self.batches)
@@ -292,7 +362,7 @@ class Trainer:
         checkpoint = None
         if finite:
             self.state.last_metrics = metrics
-            checkpoint = self.checkpointer.save(self, reason="halt")
+            checkpoint = self._save(reason="halt")
         if self.env.is_main:
             extra = {"checkpoint": checkpoint, **self.checkpointer.halt_note(checkpoint)}
             write_halt_record(self.run_dir, event, self.state.step, extra)
@@ -339,6 +409,8 @@ class Trainer:
                 halt = self._handle_events(self.state.step, metrics)
                 if halt is not None:
                     return TrainResult(self._halt(halt, metrics), self.state.step, self.run_dir, metrics)
+                if self.env.is_main and self._preempt_signal is None and self.tracker.stop_requested():
+                    self._preempt_signal = signal.SIGINT  # a stop asked for from outside: as Ctrl-C
             if t.val_every > 0 and (self.state.step % t.val_every == 0 or self.state.step == t.steps):
                 val_start = time.perf_counter()
                 val = self.validate()
@@ -346,13 +418,15 @@ class Trainer:
                 self.tracker.log(self.state.step, val)
                 window_start += time.perf_counter() - val_start  # keep evaluation out of tokens/s
             if self.checkpointer.due(self.state.step):
-                self.checkpointer.save(self, reason="interval")
+                self._save(reason="interval")
             if self._preempted():
-                self.checkpointer.save(self, reason="preempt")
+                code = self._stop_code()
+                checkpoint = self._save(reason="preempt")
                 self.checkpointer.wait()
-                return TrainResult(exit_codes.PREEMPTED, self.state.step, self.run_dir, metrics)
+                self._say_where_it_stopped(code, checkpoint)
+                return TrainResult(code, self.state.step, self.run_dir, metrics)
         if self.recipe.checkpoint.save_final:
-            self.checkpointer.save(self, reason="final")
+            self._save(reason="final")
         self.checkpointer.wait()
         return TrainResult(exit_codes.OK, self.state.step, self.run_dir, metrics)
 
@@ -375,7 +449,7 @@ def train(recipe: Recipe, *, force_resume: bool = False) -> TrainResult:
             trainer.profiler.close()
             trainer.tracker.finish(result.exit_code)
         release_run_dir(recipe.run_dir)
-        if result.exit_code in (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED):
+        if result.exit_code in (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED, exit_codes.CANCELLED):
             shutdown_distributed()
 
 

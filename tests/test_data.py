@@ -478,27 +478,31 @@ def test_env_defaults_never_override_a_launcher(monkeypatch):
 
 def test_stale_streaming_state_is_removed_but_live_state_kept(tmp_path):
     prefix = f"{900000 + os.getpid() % 99999:06d}"
-    stale = Path("/dev/shm") / f"{prefix}_next_epoch"
+    stale = Path("/dev/shm") / f"{int(prefix) + 2:06d}_next_epoch"  # a killed job's whole prefix
     stale.write_bytes(b"\0" * 8)
     live = shared_memory.SharedMemory(name=f"{prefix}_locals", create=True, size=8)
+    unmapped_but_live = Path("/dev/shm") / f"{prefix}_resume"  # its prefix is mapped: a live job's
     lock = tmp_path / f"{prefix}_barrier_filelock"
     orphan_prefix = f"{int(prefix) + 1:06d}"
     orphan_lock = tmp_path / f"{orphan_prefix}_cache_filelock"
     try:
         lock.touch()
         orphan_lock.touch()
+        unmapped_but_live.write_bytes(b"\0" * 8)
         old = time.time() - 3600
-        for path in (stale, Path("/dev/shm") / live.name, lock, orphan_lock):
+        for path in (stale, Path("/dev/shm") / live.name, unmapped_but_live, lock, orphan_lock):
             os.utime(path, (old, old))
         removed = remove_stale_streaming_state(min_age_s=60, tmp_dir=str(tmp_path))
         assert str(stale) in removed and not stale.exists()
         assert (Path("/dev/shm") / live.name).exists(), "a mapped segment belongs to a live job"
+        assert unmapped_but_live.exists(), "so does every segment of its prefix"
         assert lock.exists(), "the lock of a prefix with a live segment stays"
         assert not orphan_lock.exists()
     finally:
         live.close()
         live.unlink()
         stale.unlink(missing_ok=True)
+        unmapped_but_live.unlink(missing_ok=True)
 
 
 RANK_SCRIPT = """

@@ -99,7 +99,11 @@ def test_profile_becomes_submitit_parameters():
     assert params["time"] == 120 and params["signal_delay_s"] == 300 and params["account"] == "proj"
     assert params["srun_args"] == ["--kill-on-bad-exit=1"]
     assert params["additional_parameters"] == {"requeue": True, "exclusive": True, "mail-type": "END"}
-    assert params["setup"] == ["module load cuda"]
+    assert params["setup"][0] == "module load cuda"
+    # The rendezvous port is picked free on the first node, not derived from the job id.
+    port = subprocess.run(["bash", "-c", params["setup"][1] + '; echo "$LOOPTRAIN_MASTER_PORT"'],
+                          capture_output=True, text=True, check=True).stdout
+    assert 0 < int(port) < 65536
     assert "qos" not in params and "constraint" not in params  # null: left to the cluster
     cpu = submitit_parameters(profile_from_dict({"partition": "cpu"}), job_name="j")
     assert "gpus_per_node" not in cpu and cpu["ntasks_per_node"] == 1
@@ -215,15 +219,27 @@ def test_sbatch_script_is_rendered_completely(tmp_path):
     assert all(text.splitlines().index(d) < first_command for d in directives)
 
 
+def test_sbatch_template_ships_inside_the_package():
+    """`--emit-sbatch` must work from a wheel: the template is package data, not a repository file."""
+    import tomllib
+
+    import looptrain.launch
+    from looptrain.launch.sbatch import TEMPLATE
+
+    assert TEMPLATE.is_file() and TEMPLATE.parent == Path(looptrain.launch.__file__).resolve().parent
+    package_data = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert TEMPLATE.name in package_data["looptrain.launch"]
+
+
 def _fake_slurm(bin_dir: Path, srun_body: str) -> None:
     """Stand-ins for srun/scontrol/squeue, to run the script's requeue logic without a cluster."""
     bin_dir.mkdir()
     scripts = {
         "srun": "#!/bin/bash\n" + srun_body,
         "scontrol": '#!/bin/bash\necho "$*" >> "$FAKE_LOG"\n',
-        # Started 100 s ago, with a limit of FAKE_LEFT + 100 s ([D-]HH:MM:SS as squeue prints it).
+        # Running, started 100 s ago, with a limit of FAKE_LEFT + 100 s ([D-]HH:MM:SS as squeue prints it).
         "squeue": '#!/bin/bash\nt=$((FAKE_LEFT + 100))\n'
-                  'printf "%s|0-%02d:%02d:%02d\\n" "$(date -d @$(( $(date +%s) - 100 )) +%Y-%m-%dT%H:%M:%S)" '
+                  'printf "RUNNING|%s|0-%02d:%02d:%02d\\n" "$(date -d @$(( $(date +%s) - 100 )) +%Y-%m-%dT%H:%M:%S)" '
                   '$((t / 3600)) $((t % 3600 / 60)) $((t % 60))\n',
     }
     for name, body in scripts.items():
@@ -262,8 +278,10 @@ def test_sbatch_script_requeues_only_checkpointed_runs(tmp_path, rc, left_s, ear
     out, _ = proc.communicate(timeout=30)
     ends = [a for a in records.read_attempts(run_dir, "42") if a.event == "end"][earlier_timeouts:]
     assert [(a.outcome, a.exit_code, a.requeue_kind) for a in ends] == [(outcome, rc, kind)], out
-    scontrol = (tmp_path / "scontrol.log").read_text() if (tmp_path / "scontrol.log").exists() else ""
-    assert scontrol == ("requeue 42\n" if requeued else ""), out
+    calls = (tmp_path / "scontrol.log").read_text().splitlines() if (tmp_path / "scontrol.log").exists() else []
+    assert [c for c in calls if c.startswith("requeue")] == (["requeue 42"] if requeued else []), out
+    # Slurm's accounting says FAILED for a halt and an error alike: the job comment tells them apart.
+    assert any(c.startswith(f"update JobId=42 Comment=looptrain: {outcome} (exit {rc})") for c in calls), calls
 
 
 def test_sbatch_script_forwards_the_warning_signal_to_the_ranks(tmp_path):
@@ -287,7 +305,8 @@ exit 3
     assert (tmp_path / "srun-got-usr2").exists(), out
     ends = [a for a in records.read_attempts(run_dir, "42") if a.event == "end"]
     assert [(a.outcome, a.requeue_kind) for a in ends] == [("requeued", "preemption")], out
-    assert (tmp_path / "scontrol.log").read_text() == "requeue 42\n"
+    assert [c for c in (tmp_path / "scontrol.log").read_text().splitlines() if c.startswith("requeue")] == [
+        "requeue 42"]
 
 
 # ==================================================================== requeue policy
@@ -573,9 +592,8 @@ def test_sweep_runs_as_a_job_array_and_status_reports_each_run(slurm_cluster, ti
         "name": "tiny-sweep",
         "base": QUICKSTART,
         "out_dir": str(tmp_path / "sweeps"),
-        # One run at a time: two mosaicml-streaming datasets created at the same moment on one
-        # machine can race for the same shared-memory prefix (FileExistsError in looptrain.data).
-        "array_parallelism": 1,
+        # Two runs at once on one machine: their streaming shared memory must not collide.
+        "array_parallelism": 2,
         "overrides": [*tiny(tiny_data, tmp_path, steps=4), "train.log_every=2", "train.val_every=4",
                       "train.val_batches=2"],
         "runs": [
@@ -649,7 +667,9 @@ def test_dry_run_and_bad_profiles_submit_nothing(slurm_cluster, tiny_data, tmp_p
 
 @pytest.mark.slow
 def test_cancel_stops_a_running_job_and_it_does_not_requeue(slurm_cluster, tiny_data, tmp_path, capsys):
-    record = launch(capsys, *tiny(tiny_data, tmp_path, steps=5000), "--nodes", "1", "name=cancelled")
+    # With W&B on: scancel's SIGTERM reaches W&B's service too, and the run must checkpoint regardless.
+    record = launch(capsys, *tiny(tiny_data, tmp_path, steps=5000), "--nodes", "1", "name=cancelled",
+                    "tracking.mode=offline")
     run_dir, job = Path(record["run_dir"]), record["job_id"]
     wait_for_steps(run_dir, 2, timeout_s=90)
     assert main(["cancel", str(run_dir)]) == exit_codes.OK
@@ -663,8 +683,35 @@ def test_cancel_stops_a_running_job_and_it_does_not_requeue(slurm_cluster, tiny_
         time.sleep(0.5)
     ends = [a for a in records.read_attempts(run_dir, job) if a.event == "end"]
     assert [a.outcome for a in ends] == ["cancelled"] and ends[0].exit_code == exit_codes.PREEMPTED
+    assert [m["reason"] for m in (json.loads(p.read_text()) for p in (run_dir / "checkpoints").glob(
+        "step_*/manifest.json"))] == ["preempt"]
     time.sleep(3)  # a requeued job would be back in the queue by now
     assert slurm_cluster.run("squeue", "-h", "-j", job).stdout.strip() == ""
+
+
+@pytest.mark.slow
+def test_emitted_sbatch_script_trains_two_tasks_on_one_host_and_halts_visibly(slurm_cluster, tiny_data,
+                                                                              reference_run, tmp_path, capsys):
+    """`--emit-sbatch` then `sbatch`: two nodes that are one machine (two streaming local leaders
+    on one /dev/shm) train like the local two-process run; a halt then reads as a halt in the job
+    comment, not as a bare FAILED."""
+    script = tmp_path / "job.sh"
+    overrides = [*tiny(tiny_data, tmp_path, steps=REFERENCE_STEPS), "parallel.backend=fsdp2", "name=plain-sbatch",
+                 "monitor.final_rms.warn=null", "monitor.final_rms.halt=1e-6", "monitor.final_rms.patience=10"]
+    assert main(["launch", QUICKSTART, "--cluster", LOCAL_PROFILE, "--emit-sbatch", str(script), *overrides]) == 0
+    capsys.readouterr()
+    job = slurm_cluster.run("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
+    run_dir = tmp_path / "plain-sbatch"
+    deadline = time.monotonic() + 120
+    while not records.attempts_path(run_dir).exists():  # the batch script's first line of records
+        assert time.monotonic() < deadline, slurm_cluster.run("scontrol", "show", "job", job).stdout
+        time.sleep(0.5)
+    (row,) = wait_until_done(run_dir, timeout_s=240)
+    assert (row.state, row.step) == ("halted", 10), format_status([row])
+    assert losses(run_dir) == pytest.approx({k: v for k, v in losses(reference_run).items() if k <= 10},
+                                            rel=1e-6, abs=1e-7)
+    comment = slurm_cluster.run("scontrol", "show", "job", job).stdout
+    assert "Comment=looptrain: halted (exit 17): monitor rule final_rms at step 10" in comment, comment
 
 
 @pytest.mark.parametrize("loader, kind", [(load_profile, "cluster profile"), (load_sweep, "sweep file")])

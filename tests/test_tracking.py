@@ -114,6 +114,8 @@ def test_offline_run_holds_metrics_per_loop_charts_and_alert(wandb_env):
     config_keys = {"/".join(item.nested_key) or item.key for r in records["config"] for item in r.config.update}
     assert "_wandb/visualize/per_loop/norm_mean" in config_keys
     assert "_wandb/visualize/per_loop/train_loss_exit" in config_keys
+    # Drawn from the first log on (the live dashboard has them), not only when the run ends.
+    assert any(r.get("step") == 10 and any(k.startswith("per_loop/norm_mean") for k in r) for r in _history_rows(records))
     run_record = records["run"][0].run
     initial_config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
     assert initial_config["model"] == {"loops": 4, "readout": "rmsnorm"}, "the resolved recipe is the W&B config"

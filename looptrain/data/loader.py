@@ -17,19 +17,16 @@ Processes and shared memory
     `MASTER_PORT` when a dataset is built; single-process defaults are filled
     in when absent (never overriding a launcher's values). Each dataset takes
     a fresh shared-memory prefix, so datasets built one after another in a
-    process (train then val, or tests) never share state. streaming's own
-    `clean_stale_shared_memory()` unlinks every segment from prefix 0 up,
-    including those of jobs still running on the host, so it is not called
-    here; `remove_stale_streaming_state()` removes only segments that no
-    live process has mapped (see `looptrain.data.shm`).
+    process (train then val, or tests) never share state. The prefix is
+    registered under a host-wide lock, and what killed jobs left behind is
+    removed under the same lock (see `looptrain.data.shm`): jobs packed onto
+    one machine never share or break each other's shared memory.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -40,7 +37,6 @@ import torch
 from looptrain.config.schema import DataConfig
 from looptrain.data.errors import DataError
 from looptrain.data.prepare import DATASET_FORMAT, TOKENS_COLUMN
-from looptrain.data.shm import remove_stale_streaming_state
 from looptrain.data.tokenizer import file_sha256
 from looptrain.paths import shown
 
@@ -242,29 +238,20 @@ def _build(
     if split == "val":
         resolved = [s for s in resolved if "val" in s.info.splits]
     ensure_streaming_env()
-    remove_stale_streaming_state()
 
     from looptrain.data.streaming_import import import_streaming
 
     streaming = import_streaming()
-    for attempt in range(5):
-        try:
-            dataset = streaming.StreamingDataset(
-                streams=streaming_streams(resolved, split, weighted=split == "train",
-                                          download_timeout=cfg.download_timeout),
-                batch_size=micro_batch_size,
-                shuffle=shuffle,
-                shuffle_seed=cfg.shuffle_seed,
-                num_canonical_nodes=cfg.num_canonical_nodes,
-                predownload=cfg.predownload,
-            )
-            break
-        except FileExistsError:
-            # Two jobs on one host picked the same free shared-memory prefix at the
-            # same moment; the loser scans again and takes the next one.
-            if attempt == 4:
-                raise
-            time.sleep(0.2 + random.random())
+    # Each dataset's shared-memory prefix is registered under a host-wide lock
+    # (looptrain.data.shm.get_shm_prefix), so jobs starting together never share one.
+    dataset = streaming.StreamingDataset(
+        streams=streaming_streams(resolved, split, weighted=split == "train", download_timeout=cfg.download_timeout),
+        batch_size=micro_batch_size,
+        shuffle=shuffle,
+        shuffle_seed=cfg.shuffle_seed,
+        num_canonical_nodes=cfg.num_canonical_nodes,
+        predownload=cfg.predownload,
+    )
     loader = streaming.StreamingDataLoader(
         dataset,
         batch_size=micro_batch_size,

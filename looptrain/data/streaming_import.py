@@ -95,5 +95,8 @@ def import_streaming() -> ModuleType:
             _forget_modules("streaming", "torchvision")
             declare_missing_torchvision_operators()
             import streaming
+        from looptrain.data.shm import install_prefix_registration
+
+        install_prefix_registration(streaming)
         _streaming = streaming
         return streaming

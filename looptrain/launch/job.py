@@ -237,6 +237,30 @@ def decide_requeue(
     return RequeueDecision(True, kind, "")
 
 
+def job_comment(outcome: str, code: int, run_dir: str, reason: Optional[str] = None) -> str:
+    """What the attempt's end means, for Slurm's job comment: submitit reports every stopped run as
+    FAILED 1:0 in sacct, so a halt could not be told from a crash there."""
+    text = f"looptrain: {outcome} (exit {code})"
+    if outcome == records.HALTED:
+        from looptrain.monitor.halt import read_halt_record
+
+        halt = read_halt_record(run_dir) or {}
+        text += f": monitor rule {halt.get('rule', '?')} at step {halt.get('step', '?')}: {halt.get('message', '')}"
+    elif reason:
+        text += f": {reason}"
+    return text[:250]
+
+
+def set_job_comment(raw_job_id: str, text: str) -> None:
+    """`scontrol update JobId=... Comment=...`: shown by `scontrol show job`, `squeue -o %k` and
+    (with AccountingStoreFlags=job_comment) `sacct -o Comment`. Best effort."""
+    try:
+        subprocess.run(["scontrol", "update", f"JobId={raw_job_id}", f"Comment={text}"],
+                       capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        pass
+
+
 def requeue_job(raw_job_id: str) -> None:
     subprocess.run(["scontrol", "requeue", raw_job_id], check=True, capture_output=True, text=True, timeout=60)
 
@@ -244,7 +268,9 @@ def requeue_job(raw_job_id: str) -> None:
 # ----------------------------------------------------------------------- job
 
 
-_OUTCOMES = {exit_codes.OK: records.FINISHED, exit_codes.HALTED: records.HALTED}
+_OUTCOMES = {exit_codes.OK: records.FINISHED, exit_codes.HALTED: records.HALTED,
+             exit_codes.CANCELLED: records.CANCELLED}
+_CLEAN_ENDS = (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED, exit_codes.CANCELLED)
 
 
 class SlurmTrainJob(submitit.helpers.Checkpointable):
@@ -278,7 +304,7 @@ class SlurmTrainJob(submitit.helpers.Checkpointable):
         from looptrain.train import main_worker
 
         code = main_worker(self.recipe, force_resume=self.force_resume)
-        if code in (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED) and os.environ.get("LOCAL_RANK") == "0":
+        if code in _CLEAN_ENDS and os.environ.get("LOCAL_RANK") == "0":
             # Every rank has passed the trainer's final barrier: nobody needs the locks any more.
             shutil.rmtree(tmp, ignore_errors=True)
         return self._conclude(task, code)
@@ -287,7 +313,7 @@ class SlurmTrainJob(submitit.helpers.Checkpointable):
         result = {"exit_code": code, "run_dir": self.run_dir, "job_id": task.job_id, "rank": task.rank}
         coordinated = code in (exit_codes.HALTED, exit_codes.PREEMPTED)
         if task.rank != 0:
-            if code == exit_codes.OK:
+            if code in (exit_codes.OK, exit_codes.CANCELLED):
                 return result
             if coordinated:
                 self._wait_for_rank0(task)
@@ -316,7 +342,7 @@ class SlurmTrainJob(submitit.helpers.Checkpointable):
 
         outcome = _OUTCOMES.get(code, records.FAILED)
         self._record_end(task, code, outcome)
-        if code == exit_codes.OK:
+        if code in (exit_codes.OK, exit_codes.CANCELLED):  # a Ctrl-C/SIGINT stop is not a failure
             return result
         if code == exit_codes.HALTED:
             raise RunStopped(f"{self.run_dir}: halted by the norm monitor (exit status 17, see HALTED.json)")
@@ -328,6 +354,7 @@ class SlurmTrainJob(submitit.helpers.Checkpointable):
             self.run_dir, event="end", job_id=task.job_id, restart=task.restart, outcome=outcome,
             exit_code=code, requeue_kind=kind, reason=reason,
         )
+        set_job_comment(task.raw_job_id, job_comment(outcome, code, self.run_dir, reason))
 
     def _wait_for_rank0(self, task: TaskInfo) -> None:
         deadline = time.monotonic() + PEER_WAIT_S
@@ -356,3 +383,82 @@ class SlurmTrainJob(submitit.helpers.Checkpointable):
             return None
         self._record_end(task, exit_codes.PREEMPTED, records.REQUEUED, kind=decision.kind)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+# ------------------------------------------------------------ plain sbatch
+
+
+def conclude_sbatch_attempt(run_dir: str, *, rc: int, signalled: bool, terminated: bool, max_requeues: int,
+                            signal_delay_s: int) -> int:
+    """The end of one attempt of the `--emit-sbatch` script, decided by the rules `SlurmTrainJob` uses:
+    record it, set the job comment, requeue when due; return the batch script's exit status.
+
+    rc is srun's status; signalled: the batch shell got the warning (USR2), so a kill status after
+    it still means checkpoint-and-stop; terminated: it got SIGTERM (scancel).
+    """
+    from looptrain.monitor.halt import HALT_FILE
+
+    task = TaskInfo.from_env()
+
+    def record(outcome: str, code: int, kind: Optional[str] = None, reason: Optional[str] = None) -> None:
+        records.append_attempt(run_dir, event="end", job_id=task.job_id, restart=task.restart, outcome=outcome,
+                               exit_code=code, requeue_kind=kind, reason=reason, launcher="sbatch")
+        set_job_comment(task.raw_job_id, job_comment(outcome, code, run_dir, reason))
+
+    # With --kill-on-bad-exit the first rank to exit 17 gets its peers terminated, and srun may
+    # report their kill status: a halt record written during this attempt is what tells.
+    starts = [a.time for a in records.read_attempts(run_dir, task.job_id) if a.event == "start"]
+    halt_file = os.path.join(run_dir, HALT_FILE)
+    if rc != 0 and starts and os.path.exists(halt_file) and os.path.getmtime(halt_file) > starts[-1]:
+        rc = exit_codes.HALTED
+    if rc in _OUTCOMES:
+        record(_OUTCOMES[rc], rc)
+        return 0 if rc in (exit_codes.OK, exit_codes.CANCELLED) else rc
+    if rc != exit_codes.PREEMPTED and not signalled:
+        record(records.FAILED, rc)
+        return rc
+    state, left = query_job(task.raw_job_id)
+    decision = decide_requeue(run_dir, task, max_requeues=max_requeues, signal_delay_s=signal_delay_s,
+                              job_state=state, seconds_left=left)
+    if terminated and decision.requeue:
+        decision = RequeueDecision(False, decision.kind, "the job was cancelled", cancelled=True)
+    if not decision.requeue:
+        record(decision.outcome, rc, decision.kind, decision.reason)
+        return rc
+    record(records.REQUEUED, rc, decision.kind)  # first: the requeue ends this batch shell
+    what = "checkpointed" if rc == exit_codes.PREEMPTED else f"no new checkpoint (ranks exited {rc})"
+    print(f"looptrain: {what}; requeueing job {task.job_id} ({decision.kind})", flush=True)
+    try:
+        requeue_job(task.raw_job_id)
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = (getattr(err, "stderr", "") or str(err)).strip()
+        record(records.STOPPED, rc, decision.kind, f"scontrol requeue failed: {detail}")
+        return rc
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m looptrain.launch.job start|end ...`: the attempt records of the plain sbatch script."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m looptrain.launch.job")
+    parser.add_argument("event", choices=("start", "end"))
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--rc", type=int, default=0)
+    parser.add_argument("--signalled", type=int, default=0)
+    parser.add_argument("--terminated", type=int, default=0)
+    parser.add_argument("--max-requeues", type=int, default=0)
+    parser.add_argument("--signal-delay-s", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.event == "start":
+        task = TaskInfo.from_env()
+        records.append_attempt(args.run_dir, event="start", job_id=task.job_id, restart=task.restart,
+                               launcher="sbatch")
+        return 0
+    return conclude_sbatch_attempt(args.run_dir, rc=args.rc, signalled=bool(args.signalled),
+                                   terminated=bool(args.terminated), max_requeues=args.max_requeues,
+                                   signal_delay_s=args.signal_delay_s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,14 @@ returns the failed worker's status. HALTED and PREEMPTED are collective
 decisions that every rank reaches together (rank 0 may still be writing the
 checkpoint or halt record), so those get a long grace period instead.
 
+Ctrl-C. The first one is passed on to every worker: they stop after the
+current step, checkpoint, and exit CANCELLED (19); the launcher waits for
+that. A second Ctrl-C aborts at once (the workers are killed, no checkpoint).
+
+The launcher's death. Each worker asks the kernel for SIGKILL when the
+launcher dies (Linux `PR_SET_PDEATHSIG`), so a launcher killed with SIGKILL
+(or an OOM kill) never leaves its workers training on their own.
+
 Under torchrun the same holds (it tears down the group when one worker
 fails); under Slurm use `srun --kill-on-bad-exit=1` so that one task's
 non-zero exit ends the step's other tasks.
@@ -34,7 +42,7 @@ from looptrain import exit_codes
 
 FAILURE_GRACE_S = 5.0  # SIGTERM -> SIGKILL after a peer failed (peers are usually stuck in a collective)
 COORDINATED_GRACE_S = 300.0  # peers of a rank that halted/was preempted finish their own checkpoint
-_COORDINATED = {exit_codes.HALTED, exit_codes.PREEMPTED}
+_COORDINATED = {exit_codes.HALTED, exit_codes.PREEMPTED, exit_codes.CANCELLED}
 TIMED_OUT = 124
 
 
@@ -62,6 +70,23 @@ def worker_env(rank: int, nproc: int, master_port: int, base: Optional[dict[str,
 
         env["OMP_NUM_THREADS"] = str(max(1, available_cores() // nproc))
     return env
+
+
+def _die_with_parent(parent_pid: int):
+    """A Popen preexec_fn: SIGKILL this child when the launcher (the forking thread) dies."""
+
+    def preexec() -> None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: no parent-death signal
+            return
+        if os.getppid() != parent_pid:  # the launcher died before the request took effect
+            os._exit(128 + signal.SIGKILL)
+
+    return preexec
 
 
 @dataclass
@@ -159,6 +184,7 @@ def launch_workers(
             text=True,
             errors="replace",
             start_new_session=True,  # own process group: a stop reaches the worker's children too
+            preexec_fn=_die_with_parent(os.getpid()) if sys.platform.startswith("linux") else None,
         )
         reader = threading.Thread(target=output.stream, args=(rank, proc.stdout), daemon=True)
         workers.append(_Worker(rank, proc, reader))
@@ -189,8 +215,12 @@ def launch_workers(
                 _stop(others, failure_grace_s)
                 output.write(f"looptrain: rank {failed.rank} failed with exit status {status}"
                              f"{'; stopped the other workers' if running else ''}\n", sys.stderr)
-    except KeyboardInterrupt:
-        _stop(workers, failure_grace_s)
+    except KeyboardInterrupt:  # the second Ctrl-C: abort now
+        output.write("looptrain: aborting: the workers are stopped without a checkpoint\n", sys.stderr)
+        for w in workers:
+            _signal_group(w.proc, signal.SIGKILL)
+        for w in workers:
+            w.proc.wait()
         return 130
     finally:
         _restore_signals(forwarded)
@@ -200,12 +230,19 @@ def launch_workers(
 
 
 def _forward_signals(workers: Sequence[_Worker]) -> dict[int, object]:
-    """Pass SIGTERM/SIGUSR2 on to every worker: a preemption notice reaches each rank's checkpoint logic."""
+    """Pass SIGTERM/SIGUSR2 and the first Ctrl-C on to every worker: each rank's checkpoint logic
+    sees them; a second Ctrl-C raises KeyboardInterrupt here."""
     previous: dict[int, object] = {}
     if threading.current_thread() is not threading.main_thread():
         return previous
+    interrupts = 0
 
     def forward(signum, _frame):
+        nonlocal interrupts
+        if signum == signal.SIGINT:
+            interrupts += 1
+            if interrupts > 1:
+                raise KeyboardInterrupt
         for w in workers:
             if w.proc.poll() is None:
                 try:
@@ -213,7 +250,7 @@ def _forward_signals(workers: Sequence[_Worker]) -> dict[int, object]:
                 except ProcessLookupError:
                     pass
 
-    for sig in (signal.SIGTERM, signal.SIGUSR2):
+    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
         previous[sig] = signal.signal(sig, forward)
     return previous
 

@@ -159,7 +159,7 @@ def cancel_requested(run_dir: str | os.PathLike, job_id: str) -> bool:
 def rank_log_paths(log_dir: str | os.PathLike, job_id: str, tasks: int) -> list[tuple[Path, Path]]:
     """(stdout, stderr) of each rank of a job, named as submitit names them: <job>_<rank>_log.{out,err}.
 
-    The plain sbatch script (slurm/sbatch.template.sh) uses the same names.
+    The plain sbatch script (looptrain/launch/sbatch.template.sh) uses the same names.
     """
     log_dir = Path(log_dir)
     return [(log_dir / f"{job_id}_{t}_log.out", log_dir / f"{job_id}_{t}_log.err") for t in range(tasks)]

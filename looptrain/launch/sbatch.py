@@ -1,6 +1,7 @@
 """A plain sbatch script for one run (`looptrain launch ... --emit-sbatch FILE`), for users without submitit.
 
-It renders `slurm/sbatch.template.sh`: the #SBATCH flags come from the same
+It renders `sbatch.template.sh` (shipped inside the package, next to this
+module, so that it works from a wheel): the #SBATCH flags come from the same
 profile fields as the submitit launch; the job itself is `srun python -m
 looptrain.cli train RECIPE OVERRIDES` with a requeue-on-checkpoint loop in
 the batch shell (the template explains it).
@@ -19,7 +20,7 @@ from looptrain.launch import records
 from looptrain.launch.profile import ClusterProfile, LaunchError
 from looptrain.redact import redact_shell
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "sbatch.template.sh"
+TEMPLATE = Path(__file__).resolve().with_name("sbatch.template.sh")
 _PLACEHOLDER = re.compile(r"@@([A-Z_]+)@@")
 
 

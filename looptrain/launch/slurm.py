@@ -24,7 +24,12 @@ from looptrain.config.schema import check_world_size
 from looptrain.launch import records
 from looptrain.launch.profile import ClusterProfile, LaunchError
 
-SRUN_ARGS = ("--kill-on-bad-exit=1",)  # one rank's error ends the others instead of leaving them in a collective
+SRUN_ARGS = ("--kill-on-bad-exit=1",)
+# A TCP port free on the batch host (the first node) for the ranks' rendezvous.
+PICK_MASTER_PORT = (
+    f"export LOOPTRAIN_MASTER_PORT=$({shlex.quote(sys.executable)} -c "
+    "'import socket; s = socket.socket(); s.bind((\"\", 0)); print(s.getsockname()[1])')"
+)  # one rank's error ends the others instead of leaving them in a collective
 ACTIVE_STATES = {
     "PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
     "SIGNALING", "SUSPENDED", "RESIZING", "STAGE_OUT", "PREEMPTED",
@@ -55,8 +60,9 @@ def submitit_parameters(
         "constraint": profile.constraint,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
-    if profile.setup:
-        params["setup"] = redact_shell("\n".join(profile.setup)).splitlines()  # no credential in the script
+    # The batch script runs on the job's first node (MASTER_ADDR): it picks the rendezvous port there.
+    setup = redact_shell("\n".join(profile.setup)).splitlines() if profile.setup else []  # no credential in the script
+    params["setup"] = [*setup, PICK_MASTER_PORT]
     if array_parallelism is not None:
         params["array_parallelism"] = array_parallelism
     return params

@@ -55,8 +55,10 @@ def export_slurm_rendezvous() -> None:
     nnodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", "1")))
     os.environ["LOCAL_WORLD_SIZE"] = os.environ.get("SLURM_NTASKS_PER_NODE", str(max(1, ntasks // max(1, nnodes))))
     os.environ.setdefault("MASTER_ADDR", _first_slurm_host())
+    # The batch script picks a port that is free on the first node (LOOPTRAIN_MASTER_PORT, see
+    # looptrain.launch); a port derived from the job id would collide with other services.
     job_id = int(os.environ.get("SLURM_JOB_ID", "0"))
-    os.environ.setdefault("MASTER_PORT", str(20000 + job_id % 20000))
+    os.environ.setdefault("MASTER_PORT", os.environ.get("LOOPTRAIN_MASTER_PORT") or str(20000 + job_id % 20000))
 
 
 @dataclass

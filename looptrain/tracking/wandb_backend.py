@@ -163,9 +163,38 @@ class WandbRun:
             self.run.log({**charts, STEP_KEY: step})
         return list(charts)
 
-    def finish(self, exit_code: int) -> None:
+    def abandon(self) -> None:
+        """Give up on a broken W&B (its service is gone): close what can be closed, quietly, so
+        that W&B's exit hook does not print a traceback about the lost connection at exit."""
+        try:
+            self._wandb.teardown()
+        except (Exception, SystemExit):  # noqa: BLE001 - the connection is already broken
+            pass
+
+    def mark_halted(self, rule: str, message: str, step: int) -> None:
+        """A `halted` tag and the rule in the summary: a halt is told apart from a crash at a glance."""
+        self.run.tags = tuple(t for t in (self.run.tags or ()) if t != "halted") + ("halted",)
+        self.run.summary.update({"halt/rule": rule, "halt/message": message, "halt/step": step})
+
+    def take_stop_tag(self) -> bool:
+        """Whether someone tagged this run `stop` in the W&B UI (read from the server); the tag is removed."""
+        from looptrain.tracking.tracker import STOP_TAG
+
+        api = self._wandb.Api(timeout=10)
+        remote = api.run(f"{self.run.entity}/{self.run.project}/{self.run.id}")
+        if STOP_TAG not in remote.tags:
+            return False
+        remote.tags = [t for t in remote.tags if t != STOP_TAG]
+        remote.update()
+        return True
+
+    def finish(self, exit_code: int, outcome: Optional[str] = None) -> None:
+        from looptrain.exit_codes import CANCELLED, OUTCOMES, PREEMPTED
+
         self.run.summary["exit_code"] = exit_code
-        self.run.finish(exit_code=exit_code)
+        self.run.summary["outcome"] = outcome or OUTCOMES.get(exit_code, "failed")
+        # A run stopped on purpose (cancelled, or checkpointed for a requeue) has not failed.
+        self.run.finish(exit_code=0 if exit_code in (CANCELLED, PREEMPTED) else exit_code)
         # finish() can return before W&B's writer process has flushed the run
         # file (seen with offline runs in wandb 0.31); shutting the writer down
         # guarantees that everything is on disk before the process exits or a
