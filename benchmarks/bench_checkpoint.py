@@ -38,7 +38,7 @@ from looptrain.checkpoint.manifest import validate  # noqa: E402
 from looptrain.config import load_recipe  # noqa: E402
 from looptrain.config.loader import recipe_hash  # noqa: E402
 from looptrain.model import build_model  # noqa: E402
-from looptrain.monitor.rules import NormMonitor  # noqa: E402
+from looptrain.monitor.rules import TrainingMonitor  # noqa: E402
 from looptrain.objectives import DepthSampler  # noqa: E402
 from looptrain.parallel import init_distributed  # noqa: E402
 from looptrain.parallel.single import SingleBackend  # noqa: E402
@@ -64,7 +64,7 @@ class _Trainer:
 
     backend: SingleBackend
     sampler: DepthSampler
-    monitor: NormMonitor
+    monitor: TrainingMonitor
     state: TrainerState
     batches: _Batches = field(default_factory=_Batches)
 
@@ -92,7 +92,7 @@ def bench_shape(shape: str, out_dir: Path, steps: int, tokens_per_step: int) -> 
     backend = SingleBackend(recipe, env)
     backend.setup(LoopedLMTrainModule(build_model(recipe.model), recipe.objective))
     trainer = _Trainer(backend, DepthSampler(recipe.objective.depth, recipe.model.loops),
-                       NormMonitor(recipe.monitor, recipe.model.loops), TrainerState(recipe_hash=recipe_hash(recipe)))
+                       TrainingMonitor(recipe.monitor, recipe.model.loops), TrainerState(recipe_hash=recipe_hash(recipe)))
     params = sum(p.numel() for p in backend.module.parameters())
     tokens = torch.randint(0, recipe.model.vocab_size, (1, tokens_per_step + 1))
     _step(trainer, tokens)  # fills the AdamW moments

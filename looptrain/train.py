@@ -140,7 +140,7 @@ class Trainer:
         from looptrain.data.loader import InfiniteBatches, build_train_loader, build_val_loaders
         from looptrain.data.streams import resolve_streams
         from looptrain.model import build_model
-        from looptrain.monitor.rules import NormMonitor
+        from looptrain.monitor.rules import TrainingMonitor
         from looptrain.monitor.stats import LoopNormAccumulator
         from looptrain.tracking import Tracker
 
@@ -185,7 +185,7 @@ class Trainer:
         )
         self.sampler = DepthSampler(recipe.objective.depth, m.loops, seed=t.seed)
         self.norms = LoopNormAccumulator(self.max_depth, m.d_model, env.device)
-        self.monitor = NormMonitor(recipe.monitor, self.max_depth)
+        self.monitor = TrainingMonitor(recipe.monitor, self.max_depth)
         self.peak = peak_flops(env.device, t.precision, t.peak_tflops * 1e12 if t.peak_tflops else None)
         if self.peak != self.peak and env.is_main and env.device.type == "cuda":  # a GPU missing from GPU_PEAKS
             name = torch.cuda.get_device_name(env.device)

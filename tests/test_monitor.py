@@ -10,18 +10,22 @@ import socket
 import pytest
 import torch
 
+from dataclasses import fields
+from pathlib import Path
+
+from looptrain.config.monitor_rules import MONITOR_RULES, MonitorRule
 from looptrain.config.schema import MonitorConfig, RuleConfig
 from looptrain.exit_codes import HALTED
 from looptrain.monitor import (
     LoopNormAccumulator,
     MonitorEvent,
-    NormMonitor,
     RunHalted,
+    TrainingMonitor,
     read_halt_record,
-    rule_docs,
-    rule_docs_markdown,
+    rule_table,
     write_halt_record,
 )
+from looptrain.monitor import rules as rules_module
 from looptrain.monitor.stats import HIST_BIN_RATIO
 
 D = 32
@@ -162,7 +166,7 @@ def _only(events: list[MonitorEvent], rule: str) -> list[MonitorEvent]:
 
 
 def test_final_rms_needs_patience_then_warns_then_halts():
-    mon = NormMonitor(_cfg(final_rms=RuleConfig(warn=100.0, halt=1000.0, patience=2, action="halt")), loops=4)
+    mon = TrainingMonitor(_cfg(final_rms=RuleConfig(warn=100.0, halt=1000.0, patience=2, action="halt")), loops=4)
     assert _only(mon.check(10, _norms(50.0)), "final_rms") == []
     assert _only(mon.check(20, _norms(150.0)), "final_rms") == []  # 1 of 2 checks
     (warn,) = _only(mon.check(30, _norms(150.0)), "final_rms")
@@ -178,7 +182,7 @@ def test_final_rms_needs_patience_then_warns_then_halts():
 
 
 def test_final_rms_uses_the_deepest_loop_that_ran():
-    mon = NormMonitor(_cfg(final_rms=RuleConfig(warn=10.0, halt=None, patience=1)), loops=4)
+    mon = TrainingMonitor(_cfg(final_rms=RuleConfig(warn=10.0, halt=None, patience=1)), loops=4)
     # Only 2 loops ran this interval: loop 2 is the final one.
     (ev,) = _only(mon.check(10, {"norm/rms/1": 1.0, "norm/rms/2": 12.0}), "final_rms")
     assert ev.values["loop"] == 2
@@ -186,13 +190,13 @@ def test_final_rms_uses_the_deepest_loop_that_ran():
 
 @pytest.mark.parametrize("action, expected", [("alert", "alert"), ("log", "log")])
 def test_halt_threshold_only_alerts_or_logs_when_the_rule_says_so(action, expected):
-    mon = NormMonitor(_cfg(final_rms=RuleConfig(warn=100.0, halt=1000.0, patience=1, action=action)), loops=4)
+    mon = TrainingMonitor(_cfg(final_rms=RuleConfig(warn=100.0, halt=1000.0, patience=1, action=action)), loops=4)
     (ev,) = _only(mon.check(10, _norms(5000.0)), "final_rms")
     assert ev.level == "ERROR" and ev.action == expected
 
 
 def test_alert_cooldown_rate_limits_but_never_suppresses_a_halt():
-    mon = NormMonitor(
+    mon = TrainingMonitor(
         _cfg(alert_cooldown_steps=100, final_rms=RuleConfig(warn=100.0, halt=1000.0, patience=1, action="halt")),
         loops=4,
     )
@@ -208,7 +212,7 @@ def test_alert_cooldown_rate_limits_but_never_suppresses_a_halt():
 
 
 def test_more_severe_alert_passes_the_cooldown():
-    mon = NormMonitor(_cfg(final_rms=RuleConfig(warn=100.0, halt=1000.0, patience=1, action="alert")), loops=4)
+    mon = TrainingMonitor(_cfg(final_rms=RuleConfig(warn=100.0, halt=1000.0, patience=1, action="alert")), loops=4)
     assert _only(mon.check(10, _norms(200.0)), "final_rms")[0].action == "alert"
     assert _only(mon.check(20, _norms(200.0)), "final_rms")[0].action == "log"
     escalated = _only(mon.check(30, _norms(2000.0)), "final_rms")[0]
@@ -217,7 +221,7 @@ def test_more_severe_alert_passes_the_cooldown():
 
 
 def test_growth_compares_with_the_value_a_window_ago():
-    mon = NormMonitor(
+    mon = TrainingMonitor(
         _cfg(growth_window=50, growth=RuleConfig(warn=5.0, halt=50.0, patience=2, action="halt")), loops=4
     )
     fired = {}
@@ -232,12 +236,12 @@ def test_growth_compares_with_the_value_a_window_ago():
     assert ev.values["ratio"] == pytest.approx(1.05**50, rel=1e-6)
     assert ev.values["step_before"] == 10
     # A flat norm never fires.
-    flat = NormMonitor(_cfg(growth_window=50), loops=4)
+    flat = TrainingMonitor(_cfg(growth_window=50), loops=4)
     assert not any(_only(flat.check(s, {"norm/rms/4": 300.0}), "growth") for s in range(0, 300, 10))
 
 
 def test_loop_ratio_fires_on_the_worst_loop_after_patience():
-    mon = NormMonitor(_cfg(loop_ratio=RuleConfig(warn=4.0, halt=None, patience=3, action="alert")), loops=4)
+    mon = TrainingMonitor(_cfg(loop_ratio=RuleConfig(warn=4.0, halt=None, patience=3, action="alert")), loops=4)
     metrics = {"norm/ratio/2": 1.2, "norm/ratio/3": 6.0, "norm/ratio/4": 1.1}
     assert _only(mon.check(10, metrics), "loop_ratio") == []
     assert _only(mon.check(20, metrics), "loop_ratio") == []
@@ -253,7 +257,7 @@ def test_loop_ratio_fires_on_the_worst_loop_after_patience():
     "metrics", [{"train/loss": float("nan")}, {"train/loss": 3.0, "train/grad_norm": float("inf")}]
 )
 def test_nonfinite_halts_at_once(metrics):
-    mon = NormMonitor(_cfg(), loops=4)
+    mon = TrainingMonitor(_cfg(), loops=4)
     assert mon.check(1, {"train/loss": 3.0, "train/grad_norm": 1.0}) == []
     (ev,) = _only(mon.check(2, metrics), "nonfinite")
     assert (ev.level, ev.action) == ("ERROR", "halt")
@@ -266,7 +270,7 @@ def _noisy_losses(n: int, seed: int = 0) -> list[float]:
 
 
 def test_loss_spike_after_warmup_and_not_on_noise():
-    mon = NormMonitor(_cfg(spike_warmup=20, alert_cooldown_steps=10), loops=4)
+    mon = TrainingMonitor(_cfg(spike_warmup=20, alert_cooldown_steps=10), loops=4)
     losses = _noisy_losses(300)
     # Noise, and a spike before the warmup is over, stay quiet.
     for step, loss in enumerate(losses[:200]):
@@ -289,41 +293,71 @@ def test_state_dict_round_trip_keeps_patience_and_history():
         final_rms=RuleConfig(warn=100.0, halt=1000.0, patience=3, action="halt"),
         growth=RuleConfig(warn=3.0, halt=None, patience=1, action="alert"),
     )
-    a = NormMonitor(cfg, loops=4)
+    a = TrainingMonitor(cfg, loops=4)
     for step, rms in ((0, 20.0), (10, 150.0), (20, 160.0)):  # final_rms warn streak 2 of 3
         a.check(step, {"train/loss": 3.0, **_norms(rms)})
-    b = NormMonitor(cfg, loops=4)
+    b = TrainingMonitor(cfg, loops=4)
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     step_metrics = {"train/loss": 3.0, **_norms(170.0)}
     events_a, events_b = a.check(30, step_metrics), b.check(30, step_metrics)
     assert [e.to_dict() for e in events_a] == [e.to_dict() for e in events_b]
     # Both the patience (final_rms) and the history (growth: 170 vs 20 at step 0) carried over.
     assert {e.rule for e in events_b} == {"final_rms", "growth"}
-    fresh = NormMonitor(cfg, loops=4)
+    fresh = TrainingMonitor(cfg, loops=4)
     assert fresh.check(30, step_metrics) == []
 
 
 def test_disabled_monitor_and_rules_stay_quiet():
-    off = NormMonitor(_cfg(enabled=False), loops=4)
+    off = TrainingMonitor(_cfg(enabled=False), loops=4)
     assert off.check(1, {"train/loss": float("nan"), **_norms(1e6)}) == []
     cfg = _cfg()
     cfg.nonfinite.enabled = False
-    assert _only(NormMonitor(cfg, loops=4).check(1, {"train/loss": float("nan")}), "nonfinite") == []
+    assert _only(TrainingMonitor(cfg, loops=4).check(1, {"train/loss": float("nan")}), "nonfinite") == []
 
 
 def test_bad_rule_config_is_rejected():
     with pytest.raises(ValueError, match="warn threshold .* above halt"):
-        NormMonitor(_cfg(final_rms=RuleConfig(warn=10.0, halt=5.0)), loops=4)
+        TrainingMonitor(_cfg(final_rms=RuleConfig(warn=10.0, halt=5.0)), loops=4)
     with pytest.raises(ValueError, match="patience"):
-        NormMonitor(_cfg(growth=RuleConfig(patience=0)), loops=4)
+        TrainingMonitor(_cfg(growth=RuleConfig(patience=0)), loops=4)
 
 
-def test_rule_docs_cover_every_rule():
-    docs = {d["rule"]: d for d in rule_docs()}
-    assert set(docs) == {"final_rms", "growth", "loop_ratio", "nonfinite", "loss_spike"}
-    assert docs["final_rms"]["default"].startswith("warn 100, halt 1000, patience 2")
-    assert all(d["protects_against"] for d in docs.values())
-    assert rule_docs_markdown().count("\n") == len(docs) + 1
+def test_config_defaults_and_checks_derive_from_the_rule_records():
+    names = [record.name for record in MONITOR_RULES]
+    assert len(set(names)) == len(names)
+    rule_fields = [f.name for f in fields(MonitorConfig) if f.type in (RuleConfig, "RuleConfig")]
+    assert sorted(rule_fields) == sorted(names)
+    defaults = MonitorConfig()
+    for record in MONITOR_RULES:
+        assert getattr(defaults, record.name) == RuleConfig(**record.defaults)
+        assert record.watches and record.protects_against
+        assert all(isinstance(getattr(defaults, key), int) for _, key in record.settings)
+    assert list(TrainingMonitor.rule_checks()) == names  # dispatch follows the records, in their order
+
+
+def test_a_rule_record_without_a_check_is_refused(monkeypatch):
+    extra = MonitorRule("made_up", watches="x", protects_against="y", defaults={})
+    monkeypatch.setattr(rules_module, "MONITOR_RULES", (*MONITOR_RULES, extra))
+    with pytest.raises(TypeError, match=r"without a check method \['_check_made_up'\]"):
+        TrainingMonitor(MonitorConfig(), loops=4)
+
+
+def test_readme_rule_table_is_the_generated_one():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    header = "| rule | watches | default | protects against |"
+    assert readme.count(header) == 1
+    start = readme.index(header)
+    end = readme.find("\n\n", start)
+    assert readme[start:end] == rule_table(), "README's monitor rule table is stale: paste rule_table() into it"
+    table = rule_table()
+    assert table.count("\n") == len(MONITOR_RULES) + 1
+    assert "| `monitor.final_rms` | `norm/rms/{K}` | warn 100, halt 1000, patience 2, action halt |" in table
+
+
+def test_rule_table_shows_a_recipes_own_settings():
+    cfg = MonitorConfig(growth_window=30, growth=RuleConfig(warn=2.0, halt=None, patience=4, action="log"))
+    row = next(line for line in rule_table(cfg).splitlines() if line.startswith("| `monitor.growth`"))
+    assert "| warn 2, patience 4, action log, window 30 steps |" in row
 
 
 # --------------------------------------------------------------------------- halt

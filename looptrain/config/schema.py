@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
+from looptrain.config.monitor_rules import MONITOR_RULE_BY_NAME
+
 
 class RecipeError(ValueError):
     """A recipe is wrong. The message names the key and what to do about it."""
@@ -397,20 +399,21 @@ class RuleConfig:
     action: Literal["log", "alert", "halt"] = "halt"
 
 
+def _rule_field(name: str) -> Any:
+    """The field of monitor rule `name`, with the defaults of its record in MONITOR_RULES."""
+    return field(default_factory=lambda: RuleConfig(**MONITOR_RULE_BY_NAME[name].defaults))
+
+
 @dataclass
 class MonitorConfig:
     enabled: bool = True  # rules are checked at every log interval (train.log_every)
-    # Final-loop RMS of the raw state (per coordinate, width independent).
-    final_rms: RuleConfig = field(default_factory=lambda: RuleConfig(warn=100.0, halt=1000.0, patience=2))
-    # Growth of the final-loop RMS over a window of steps (ratio).
-    growth: RuleConfig = field(default_factory=lambda: RuleConfig(warn=5.0, halt=50.0, patience=2, action="alert"))
+    # One RuleConfig per rule of config/monitor_rules.py, which declares what it watches and its defaults.
+    final_rms: RuleConfig = _rule_field("final_rms")
+    growth: RuleConfig = _rule_field("growth")
     growth_window: int = bounded(200, ge=1)
-    # Loop-to-loop growth ratio ||h_k|| / ||h_{k-1}|| (max over k).
-    loop_ratio: RuleConfig = field(default_factory=lambda: RuleConfig(warn=4.0, halt=None, patience=3, action="alert"))
-    # Non-finite loss or gradient norm.
-    nonfinite: RuleConfig = field(default_factory=lambda: RuleConfig(patience=1, action="halt"))
-    # Loss spike: z-score of the loss against an running mean / std.
-    loss_spike: RuleConfig = field(default_factory=lambda: RuleConfig(warn=6.0, halt=None, patience=1, action="alert"))
+    loop_ratio: RuleConfig = _rule_field("loop_ratio")
+    nonfinite: RuleConfig = _rule_field("nonfinite")
+    loss_spike: RuleConfig = _rule_field("loss_spike")
     spike_warmup: int = bounded(50, ge=0)
     alert_cooldown_steps: int = bounded(500, ge=0)  # rate limit: one alert per rule per this many steps
 

@@ -1,7 +1,7 @@
 """Per-loop norm statistics, divergence rules, alerts and halting."""
 
 from looptrain.monitor.halt import HALT_FILE, RunHalted, read_halt_record, write_halt_record
-from looptrain.monitor.rules import MonitorEvent, NormMonitor, rule_docs, rule_docs_markdown
+from looptrain.monitor.rules import MonitorEvent, TrainingMonitor, rule_table
 
 
 def __getattr__(name: str):
@@ -18,10 +18,9 @@ __all__ = [
     "HALT_FILE",
     "LoopNormAccumulator",
     "MonitorEvent",
-    "NormMonitor",
     "RunHalted",
+    "TrainingMonitor",
     "read_halt_record",
-    "rule_docs",
-    "rule_docs_markdown",
+    "rule_table",
     "write_halt_record",
 ]

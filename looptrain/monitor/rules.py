@@ -14,6 +14,10 @@ than the rule's last alert (an ERROR after a WARN still alerts). A halt is
 never suppressed. The monitor keeps a little state (patience counters, a short
 history of the final-loop RMS, running loss statistics) that `state_dict`
 saves as plain JSON so that a resumed run carries on where it stopped.
+
+The rules themselves are declared once, in `looptrain.config.monitor_rules`
+(name, metric, purpose, defaults); a rule's check is the method
+`_check_<name>` here, applied in the records' order.
 """
 
 from __future__ import annotations
@@ -23,12 +27,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Optional
 
+from looptrain.config.monitor_rules import MONITOR_RULES
 from looptrain.config.schema import MonitorConfig, RuleConfig
 
 Level = Literal["INFO", "WARN", "ERROR"]
 Action = Literal["log", "alert", "halt"]
-
-RULES = ("nonfinite", "final_rms", "growth", "loop_ratio", "loss_spike")
 
 _LEVEL_RANK = {"INFO": 0, "WARN": 1, "ERROR": 2}
 
@@ -96,15 +99,17 @@ def _finite(x: Optional[float]) -> bool:
     return x is not None and math.isfinite(x)
 
 
-class NormMonitor:
-    """Applies the recipe's monitor rules to the metrics of each check."""
+class TrainingMonitor:
+    """Applies the recipe's monitor rules (hidden-state norms, non-finite
+    values, loss spikes) to the metrics of each check."""
 
     def __init__(self, cfg: MonitorConfig, loops: int):
         if loops < 1:
             raise ValueError(f"loops must be >= 1, got {loops}")
         if cfg.growth_window < 1:
             raise ValueError(f"monitor.growth_window must be >= 1 step, got {cfg.growth_window}")
-        for name in RULES:
+        self._checks = self.rule_checks()
+        for name in self._checks:
             rule: RuleConfig = getattr(cfg, name)
             if rule.patience < 1:
                 raise ValueError(f"monitor.{name}.patience must be >= 1 check, got {rule.patience}")
@@ -115,7 +120,7 @@ class NormMonitor:
                 )
         self.cfg = cfg
         self.loops = loops
-        self._rules = {name: _RuleState() for name in RULES}
+        self._rules = {name: _RuleState() for name in self._checks}
         # Final-loop RMS history for the growth rule: loop k -> [[step, rms], ...].
         self._history: dict[int, list[list[float]]] = {}
         # Running loss statistics for the spike rule.
@@ -124,6 +129,20 @@ class NormMonitor:
         self._loss_n = 0
         self._spike_run = 0
 
+    @classmethod
+    def rule_checks(cls) -> dict[str, str]:
+        """{rule name: its check method's name} in MONITOR_RULES order; every
+        record needs a check and every check a record."""
+        checks = {rule.name: f"_check_{rule.name}" for rule in MONITOR_RULES}
+        missing = [method for method in checks.values() if not hasattr(cls, method)]
+        unlisted = sorted(set(n for n in dir(cls) if n.startswith("_check_")) - set(checks.values()))
+        if missing or unlisted:
+            raise TypeError(
+                f"monitor rules and checks differ: records without a check method {missing}, check methods "
+                f"without a record in looptrain/config/monitor_rules.py {unlisted}"
+            )
+        return checks
+
     # ------------------------------------------------------------------ check
     def check(self, step: int, metrics: dict[str, float]) -> list[MonitorEvent]:
         """Apply every enabled rule to this check's metrics; return the events
@@ -131,15 +150,9 @@ class NormMonitor:
         if not self.cfg.enabled:
             return []
         events: list[MonitorEvent] = []
-        for name, rule_fn in (
-            ("nonfinite", self._check_nonfinite),
-            ("final_rms", self._check_final_rms),
-            ("growth", self._check_growth),
-            ("loop_ratio", self._check_loop_ratio),
-            ("loss_spike", self._check_loss_spike),
-        ):
+        for name, method in self._checks.items():
             if getattr(self.cfg, name).enabled:
-                event = rule_fn(step, metrics)
+                event = getattr(self, method)(step, metrics)
                 if event is not None:
                     events.append(event)
         return events
@@ -360,52 +373,23 @@ class NormMonitor:
 
 # ------------------------------------------------------------------ documentation
 
-_PROTECTS = {
-    "final_rms": (
-        "norm/rms/{K}",
-        "the final loop's raw state growing without bound while a scale-invariant readout hides it from the loss",
-    ),
-    "growth": (
-        "norm/rms/{K} now / growth_window steps ago",
-        "a steady drift of the state scale, caught long before it reaches an absolute threshold",
-    ),
-    "loop_ratio": (
-        "max_k norm/ratio/{k}",
-        "a recurrence that inflates the state from one loop to the next (deeper inference would explode)",
-    ),
-    "nonfinite": ("train/loss, train/grad_norm", "NaN/inf: the run has diverged; halts at once"),
-    "loss_spike": (
-        "z-score of train/loss vs its running mean/std (after spike_warmup steps)",
-        "sudden loss spikes from bad batches, too high a learning rate or an instability starting",
-    ),
-}
 
-
-def rule_docs(cfg: Optional[MonitorConfig] = None) -> list[dict[str, str]]:
-    """For each rule: its name, the metric it watches, its defaults and what it
-    protects against (the README's rule table)."""
+def rule_table(cfg: Optional[MonitorConfig] = None) -> str:
+    """The rules as a Markdown table: what each watches, its settings in `cfg`
+    (default: the defaults) and what it protects against. The README's table is
+    this text for the defaults (a test keeps them equal); pass a recipe's
+    `monitor` section to see the rules as that run applies them."""
     cfg = cfg or MonitorConfig()
-    docs = []
-    for name in ("final_rms", "growth", "loop_ratio", "nonfinite", "loss_spike"):
-        rule: RuleConfig = getattr(cfg, name)
+    lines = ["| rule | watches | default | protects against |", "|---|---|---|---|"]
+    for record in MONITOR_RULES:
+        rule: RuleConfig = getattr(cfg, record.name)
         parts = []
         if rule.warn is not None:
             parts.append(f"warn {rule.warn:g}")
         if rule.halt is not None:
             parts.append(f"halt {rule.halt:g}")
         parts += [f"patience {rule.patience}", f"action {rule.action}"]
-        if name == "growth":
-            parts.append(f"window {cfg.growth_window} steps")
-        if name == "loss_spike":
-            parts.append(f"warmup {cfg.spike_warmup} steps")
-        metric, protects = _PROTECTS[name]
-        docs.append({"rule": name, "metric": metric, "default": ", ".join(parts), "protects_against": protects})
-    return docs
-
-
-def rule_docs_markdown(cfg: Optional[MonitorConfig] = None) -> str:
-    """`rule_docs` as a Markdown table."""
-    lines = ["| rule | watches | default | protects against |", "|---|---|---|---|"]
-    for d in rule_docs(cfg):
-        lines.append(f"| `monitor.{d['rule']}` | `{d['metric']}` | {d['default']} | {d['protects_against']} |")
+        parts += [f"{label} {getattr(cfg, key)} steps" for label, key in record.settings]
+        cells = [f"`monitor.{record.name}`", f"`{record.watches}`", ", ".join(parts), record.protects_against]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
