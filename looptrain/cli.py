@@ -142,7 +142,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                   run_module="looptrain.launch.prepare_array", run_name="run_prepare_command")
     _add_optional(sub, "plot", "looptrain.plot", "add_plot_arguments", "run_plot",
                   "plot norm per loop and loss per exit for one or more runs")
-    _add_optional(sub, "inspect", "looptrain.checkpoint.tools", "add_inspect_arguments", "run_inspect",
+    _add_optional(sub, "inspect", "looptrain.export_cli", "add_inspect_arguments", "run_inspect",
                   "show a checkpoint: step, tokens, recipe diff, shards, per-loop norms")
     _add_optional(sub, "export", "looptrain.export_cli", "add_export_arguments", "run_export",
                   "write a checkpoint as a transformers model folder (or --format looptrain)")

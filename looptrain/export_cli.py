@@ -1,4 +1,4 @@
-"""`looptrain export` (transformers folder by default) and `looptrain generate`.
+"""`looptrain inspect`, `looptrain export` (transformers folder by default) and `looptrain generate`.
 
 Heavy imports (torch, transformers, the checkpoint readers) happen inside the
 run functions, so registering these commands costs nothing at start-up.
@@ -18,6 +18,22 @@ FORMATS = ("hf", "looptrain")
 def _error(message: str) -> int:
     print(f"looptrain: error: {message}", file=sys.stderr)
     return exit_codes.BAD_INPUT
+
+
+# ------------------------------------------------------------------ inspect
+
+
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint directory, or a run / checkpoints directory (its latest)")
+    parser.add_argument("recipe", nargs="?", default=None,
+                        help="a recipe to diff against (the one you would resume with)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for that recipe")
+
+
+def run_inspect(args) -> int:
+    from looptrain.checkpoint.tools import run_inspect as inspect_checkpoint  # lazy for start-up time (torch)
+
+    return inspect_checkpoint(args)
 
 
 # ------------------------------------------------------------------ export

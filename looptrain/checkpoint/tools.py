@@ -240,13 +240,6 @@ def export_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
 # ----------------------------------------------------------------------- CLI
 
 
-def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a checkpoint directory, or a run / checkpoints directory (its latest)")
-    parser.add_argument("recipe", nargs="?", default=None,
-                        help="a recipe to diff against (the one you would resume with)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for that recipe")
-
-
 def run_inspect(args) -> int:
     current: Optional[Any] = None
     if args.recipe:
