@@ -700,7 +700,11 @@ def test_emitted_sbatch_script_trains_two_tasks_on_one_host_and_halts_visibly(sl
                  "monitor.final_rms.warn=null", "monitor.final_rms.halt=1e-6", "monitor.final_rms.patience=10"]
     assert main(["launch", QUICKSTART, "--cluster", LOCAL_PROFILE, "--emit-sbatch", str(script), *overrides]) == 0
     capsys.readouterr()
-    job = slurm_cluster.run("sbatch", "--parsable", str(script)).stdout.strip().split(";")[0]
+    # Submitted from a shell that carries another launcher's rank variables (sbatch exports the
+    # environment): each task must still take its rank from Slurm.
+    stale = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_PORT": "1"}
+    job = subprocess.run(["sbatch", "--parsable", str(script)], env={**os.environ, **slurm_cluster.env, **stale},
+                         capture_output=True, text=True, timeout=60, check=True).stdout.strip().split(";")[0]
     run_dir = tmp_path / "plain-sbatch"
     deadline = time.monotonic() + 120
     while not records.attempts_path(run_dir).exists():  # the batch script's first line of records

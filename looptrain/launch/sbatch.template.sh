@@ -61,7 +61,8 @@ export LOOPTRAIN_MASTER_PORT
 
 attempt start
 srun --kill-on-bad-exit=1 --output="$LOG_DIR/%j_%t_log.out" --error="$LOG_DIR/%j_%t_log.err" \
-  bash -c 'export TMPDIR=$BASE_TMPDIR/looptrain-$SLURM_JOB_ID-r${SLURM_RESTART_COUNT:-0}
+  bash -c 'unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT  # Slurm says who each task is
+           export TMPDIR=$BASE_TMPDIR/looptrain-$SLURM_JOB_ID-r${SLURM_RESTART_COUNT:-0}
            mkdir -p "$TMPDIR" && exec "$@"' \
   looptrain-rank @@PYTHON@@ -m looptrain.cli train @@TRAIN_ARGS@@ &
 srun_pid=$!
