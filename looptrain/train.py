@@ -37,7 +37,7 @@ from looptrain.parallel import Backend, build_backend, init_distributed, shutdow
 from looptrain.parallel.env import DistEnv
 from looptrain.perf import RunClock, peak_flops, peak_memory_gb
 from looptrain.profiling import StepProfiler
-from looptrain.run_lock import hold_run_dir
+from looptrain.run_lock import RunDirBusy, hold_run_dir
 from looptrain.run_lock import release as release_run_dir
 from looptrain.state import TrainerState, seed_everything
 from looptrain.threads import apply_threads
@@ -440,16 +440,21 @@ def train(recipe: Recipe, *, force_resume: bool = False) -> TrainResult:
         print(f"looptrain: {threads} intra-op thread(s) per rank ({why}; set train.threads to change)", flush=True)
     trainer = None
     result = TrainResult(exit_codes.FAILED, 0, recipe.run_dir, {})
+    refused_together = False
     try:
         trainer = Trainer(recipe, env, force_resume=force_resume)
         result = trainer.run()
         return result
+    except RunDirBusy:
+        refused_together = True  # every rank raises it after one all-reduce, so all can leave the group together
+        raise
     finally:
         if trainer is not None:
             trainer.profiler.close()
             trainer.tracker.finish(result.exit_code)
         release_run_dir(recipe.run_dir)
-        if result.exit_code in (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED, exit_codes.CANCELLED):
+        if refused_together or result.exit_code in (exit_codes.OK, exit_codes.HALTED, exit_codes.PREEMPTED,
+                                                    exit_codes.CANCELLED):
             shutdown_distributed()
 
 
