@@ -65,3 +65,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             if isinstance(record, dict):
                 records.append(record)
     return records
+
+
+def human_size(n: float) -> str:
+    """Bytes as B / KiB / MiB / GiB, for messages and listings (checkpoint sizes, free disk)."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

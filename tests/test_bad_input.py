@@ -29,6 +29,8 @@ import yaml
 from looptrain.config.schema import Range, Recipe, RecipeError
 from looptrain.run_lock import LOCK_FILE
 
+from kill_helpers import kill_while_saving
+
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN, VOCAB = 64, 512  # the shape of the session's bible_data fixture
 
@@ -670,22 +672,7 @@ def test_kill_during_a_save_then_resume_loads_the_previous_good_checkpoint(tmp_p
     env = subprocess_env(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "looptrain.cli", "train", recipe], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300  # the run is killed long before its last step
-        while time.time() < deadline:
-            assert proc.poll() is None, "the training ended before a save could be interrupted"
-            if committed(root) and any(p.name.startswith(".tmp-") and (p / "model").exists()
-                                       for p in root.iterdir()):
-                break
-            time.sleep(0.005)
-        else:
-            pytest.fail("no checkpoint was being written within 300 s")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    kill_while_saving(proc, root, timeout_s=300)
     done = committed(root)
     assert done
     for path in done:

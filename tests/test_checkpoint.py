@@ -23,6 +23,8 @@ import torch
 
 from looptrain.checkpoint import CheckpointError
 from looptrain.checkpoint.layout import committed, read_latest, step_name
+
+from kill_helpers import kill_while_saving
 from looptrain.checkpoint.manifest import read_manifest, validate
 from looptrain.config.loader import apply_overrides, recipe_from_dict
 
@@ -342,19 +344,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(dataset, tmp_path):
     root = tmp_path / "killed" / "checkpoints"
     proc = subprocess.Popen([sys.executable, "-m", "looptrain.cli", "train", str(recipe_path)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_worker_env(tmp_path))
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:  # wait for one commit, then for the next save to start writing
-            if committed(root) and any(p.name.startswith(".tmp-") and (p / "model").exists() for p in root.iterdir()):
-                break
-            time.sleep(0.005)
-        else:
-            pytest.fail("no checkpoint was being written within 60 s")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_while_saving(proc, root, timeout_s=60)
     done = committed(root)
     assert done, "at least one checkpoint was committed before the kill"
     for path in done:

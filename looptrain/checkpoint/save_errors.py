@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from looptrain.checkpoint.errors import CheckpointError
+from looptrain.fileio import human_size
 from looptrain.checkpoint.layout import committed, read_latest
 from looptrain.checkpoint.manifest import read_manifest
 
@@ -56,14 +57,6 @@ def disk_full(err: BaseException) -> bool:
     return False
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def needed_bytes(ckpt_root: Path, fallback: int) -> tuple[int, str]:
     """The size of the newest committed checkpoint (same model, same state), else `fallback`."""
     for path in reversed(committed(ckpt_root)):
@@ -84,7 +77,7 @@ def save_failure(err: BaseException, *, step: int, tmp: Path, ckpt_root: Path, e
     type, except DCP's `CheckpointException` (a BaseException), which becomes a
     RuntimeError so that error handling sees it."""
     try:
-        free = _size(shutil.disk_usage(ckpt_root).free)  # at the failure, before the partial directory goes
+        free = human_size(shutil.disk_usage(ckpt_root).free)  # at the failure, before the partial directory goes
     except OSError:
         free = "unknown"
     if remove:
@@ -96,7 +89,7 @@ def save_failure(err: BaseException, *, step: int, tmp: Path, ckpt_root: Path, e
         need, how = needed_bytes(ckpt_root, estimate)
         return CheckpointSaveError(
             f"the disk is full: the checkpoint of step {step} could not be written to {ckpt_root} (it needs about "
-            f"{_size(need)}, {how}; {free} was free when the write failed); the partial {tmp.name} was removed "
+            f"{human_size(need)}, {how}; {free} was free when the write failed); the partial {tmp.name} was removed "
             f"and {kept}; free space "
             "there (or lower checkpoint.keep_last, or move out_dir) and run again"
         )

@@ -20,6 +20,7 @@ import torch
 from looptrain import exit_codes
 from looptrain.checkpoint import payload
 from looptrain.checkpoint.errors import CheckpointError
+from looptrain.fileio import human_size
 from looptrain.checkpoint.layout import resolve_checkpoint
 from looptrain.checkpoint.manifest import read_manifest, validate
 from looptrain.checkpoint.safe_load import UnsafeCheckpointError
@@ -33,14 +34,6 @@ def _resolve(path: str | Path) -> Path:
         return resolve_checkpoint(path)
     except FileNotFoundError as err:
         raise CheckpointError(str(err)) from None
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def _fmt(value: Any) -> str:
@@ -127,15 +120,15 @@ def inspect_checkpoint(path: str | Path, current_recipe: Any = None) -> str:
     for rel, entry in files.items():
         groups.setdefault(rel.split("/")[0] if "/" in rel else ".", []).append((rel, entry["bytes"]))
     total = sum(e["bytes"] for e in files.values())
-    lines.append(f"files ({len(files)}, {_size(total)}):")
+    lines.append(f"files ({len(files)}, {human_size(total)}):")
     for group in sorted(groups):
         items = sorted(groups[group])
         if len(items) > 8:
             size = sum(b for _, b in items)
-            largest = _size(max(b for _, b in items))
-            lines.append(f"  {group + '/':<44}{_size(size):>12}  ({len(items)} files, largest {largest})")
+            largest = human_size(max(b for _, b in items))
+            lines.append(f"  {group + '/':<44}{human_size(size):>12}  ({len(items)} files, largest {largest})")
         else:
-            lines.extend(f"  {rel:<44}{_size(b):>12}" for rel, b in items)
+            lines.extend(f"  {rel:<44}{human_size(b):>12}" for rel, b in items)
     lines.append("")
     try:
         state = payload.load_trainer_state(ckpt)
