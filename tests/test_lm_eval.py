@@ -125,15 +125,10 @@ def test_eval_tasks_bad_input_is_one_line(tmp_path, task_dir, export, bible_data
 
 
 LM_EVAL_CLI = r"""
-import sys, torch
+import sys
 # This machine's torchvision is a CUDA build beside a CPU torch (see looptrain.hf.runtime).
-lib = torch.library.Library("torchvision", "FRAGMENT")
-for s in ("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-          "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"):
-    try:
-        lib.define(s)
-    except RuntimeError:
-        pass
+from looptrain.data.streaming_import import declare_missing_torchvision_operators
+declare_missing_torchvision_operators()
 from lm_eval.__main__ import cli_evaluate
 sys.argv = ["lm_eval"] + sys.argv[1:]
 cli_evaluate()
